@@ -1,0 +1,259 @@
+"""Live data end to end: MongoDB writes reach real websocket clients over loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from tests.live import connect, new_key, receive_json, receive_messages, test_settings
+from vtrio import auth
+from vtrio.dispatcher import CloseCode
+from vtrio.server import App, open_app
+
+
+@pytest.fixture
+async def app(mongodb_url: str, db_name: str, tmp_path: Path):
+    async with open_app(test_settings(mongodb_url, db_name, tmp_path)) as app:
+        yield app
+
+
+async def closed_with(websocket, timeout: float = 10) -> int:
+    """Read until the server closes the connection; return its close code."""
+    with trio.fail_after(timeout):
+        try:
+            while True:
+                await websocket.get_message()
+        except ConnectionClosed as closed:
+            return closed.reason.code
+
+
+async def test_writes_reach_a_client_in_order(app: App) -> None:
+    async with connect(app.url, await new_key(app), query="?batch=0") as client:
+        await app.db.samples.insert_one({"_id": "s1", "name": "one"})
+        await app.db.samples.update_one({"_id": "s1"}, {"$set": {"name": "uno"}})
+        await app.db.samples.delete_one({"_id": "s1"})
+        messages = [await receive_json(client) for _ in range(3)]
+    assert [(m["interface"], m["operation"]) for m in messages] == [
+        ("samples", "insert"),
+        ("samples", "update"),
+        ("samples", "delete"),
+    ]
+    assert messages[0]["data"]["id"] == "s1"
+    assert "_id" not in messages[0]["data"]
+    assert messages[1]["data"]["name"] == "uno"
+    assert messages[2]["data"] == ["s1"]
+
+
+async def test_silent_and_failed_writes_send_nothing(app: App) -> None:
+    await app.db.samples.insert_one({"_id": "taken"}, silent=True)
+    async with connect(app.url, await new_key(app), query="?batch=0") as client:
+        await app.db.samples.insert_one({"_id": "quiet"}, silent=True)
+        with pytest.raises(Exception, match="uplicate"):
+            await app.db.samples.insert_one({"_id": "taken"})
+        await app.db.keys.insert_one({"_id": "silent collection", "hash": "x"})
+        await app.db.samples.insert_one({"_id": "loud"})
+        # The first message to arrive is the loud write's: nothing came before it.
+        assert (await receive_json(client))["data"]["id"] == "loud"
+
+
+async def test_datetimes_and_object_ids_are_strings(app: App) -> None:
+    from datetime import UTC, datetime
+
+    async with connect(app.url, await new_key(app)) as client:
+        inserted = await app.db.samples.insert_one({"at": datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)})
+        message = await receive_json(client)
+    assert message["data"] == {"id": str(inserted["_id"]), "at": "2024-05-06T07:08:09Z"}
+
+
+async def test_cancelled_writer_still_dispatches(app: App) -> None:
+    async with connect(app.url, await new_key(app)) as client:
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled before it starts: the write never happens
+            await app.db.samples.insert_one({"_id": "never"})
+        async with trio.open_nursery() as nursery:
+
+            async def write() -> None:
+                await app.db.samples.insert_one({"_id": "cancelled"})
+
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()  # the write is now in its thread
+            nursery.cancel_scope.cancel()
+        message = await receive_json(client)
+    assert message["data"]["id"] == "cancelled"
+    assert await app.db.samples.find_one({"_id": "cancelled"}) is not None
+    assert await app.db.samples.find_one({"_id": "never"}) is None
+
+
+async def test_pile_up_is_coalesced_and_batch_0_is_not(app: App) -> None:
+    key = await new_key(app)
+    async with connect(app.url, key) as batched, connect(app.url, key, query="?batch=0") as plain:
+        await wait_for_clients(app, 2)
+        for n in range(50):  # no await in between: the senders find 50 queued messages
+            app.dispatcher.dispatch("samples", "insert", {"id": n})
+        frame = json.loads(await batched.get_message())
+        assert isinstance(frame, list)
+        assert [m["data"]["id"] for m in frame] == list(range(50))
+        ids = [(await receive_json(plain))["data"]["id"] for _ in range(50)]
+        assert ids == list(range(50))
+        app.dispatcher.dispatch("samples", "insert", {"id": "lone"})
+        assert (await receive_json(batched))["data"] == {"id": "lone"}  # a plain object
+
+
+async def wait_for_clients(app: App, count: int) -> None:
+    with trio.fail_after(10):
+        while len(app.dispatcher.clients) < count:
+            await trio.sleep(0.01)
+
+
+async def test_stalled_client_is_closed_and_others_get_everything(
+    mongodb_url: str, db_name: str, tmp_path: Path
+) -> None:
+    settings = test_settings(mongodb_url, db_name, tmp_path, send_queue_size=20)
+    payload = "x" * 50_000  # large messages fill the socket buffers quickly
+    total = 400
+    async with open_app(settings) as app:
+        key = await new_key(app)
+        received: dict[int, list[int]] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def reader(n: int, ready: trio.Event) -> None:
+                async with connect(app.url, key, message_queue_size=100) as websocket:
+                    ready.set()
+                    messages = await receive_messages(websocket, total, timeout=60)
+                    received[n] = [m["data"]["n"] for m in messages]
+
+            for n in range(99):
+                ready = trio.Event()
+                nursery.start_soon(reader, n, ready)
+                await ready.wait()
+            async with connect(app.url, key) as stalled:  # never reads until the end
+                await wait_for_clients(app, 100)
+                for n in range(total):
+                    app.dispatcher.dispatch("samples", "update", {"n": n, "payload": payload})
+                    await trio.sleep(0)
+                # Every write went out while the stalled client read nothing at all: the writer
+                # never waited for it. Now it reads, and finds the close code after its backlog.
+                assert await closed_with(stalled, timeout=60) == CloseCode.TOO_SLOW
+        assert len(received) == 99
+        assert all(ids == list(range(total)) for ids in received.values())
+
+
+async def test_no_key_wrong_key_and_revoked_key_are_closed_with_4000(app: App) -> None:
+    key = await new_key(app)
+    for bad in (None, "vt_wrong", "not even the format"):
+        async with connect(app.url, bad) as websocket:
+            app.dispatcher.dispatch("samples", "insert", {"id": "secret"})
+            assert await closed_with(websocket) == CloseCode.UNAUTHENTICATED
+    async with connect(app.url, None, query=f"?token={key}") as websocket:
+        await wait_for_clients(app, 1)  # a browser's token parameter works too
+    key_id = (await auth.list_keys(app.db, "alice"))[0]["id"]
+    async with connect(app.url, key) as websocket:
+        await wait_for_clients(app, 1)
+        await auth.revoke_key(app.db, key_id)
+        assert await closed_with(websocket, timeout=10) == CloseCode.UNAUTHENTICATED
+    async with connect(app.url, key) as websocket:  # the deleted key no longer opens anything
+        assert await closed_with(websocket) == CloseCode.UNAUTHENTICATED
+
+
+async def test_other_paths_get_404(app: App) -> None:
+    with pytest.raises(ConnectionRejected) as rejected:
+        async with open_websocket_url(app.url.replace("/ws", "/other")):
+            pass
+    assert rejected.value.status_code == 404
+
+
+async def test_beyond_max_connections_handshakes_get_503(
+    mongodb_url: str, db_name: str, tmp_path: Path
+) -> None:
+    settings = test_settings(mongodb_url, db_name, tmp_path, max_connections=2)
+    async with open_app(settings) as app:
+        key = await new_key(app)
+        async with connect(app.url, key), connect(app.url, key):
+            await wait_for_clients(app, 2)
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with connect(app.url, key):
+                    pass
+            assert rejected.value.status_code == 503
+
+
+async def test_broken_clients_do_not_disturb_the_others(app: App) -> None:
+    key = await new_key(app)
+    async with connect(app.url, key, query="?batch=0") as healthy:
+        await wait_for_clients(app, 1)
+        # A client that vanishes mid-stream: its TCP connection is reset.
+        vanishing = await raw_client(app.url, key)
+        await wait_for_clients(app, 2)
+        vanishing.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        vanishing.close()
+        # A client that sends a garbage frame, and one that sends an oversized frame.
+        garbage = await raw_client(app.url, key)
+        await garbage.send(b"\xff\xff\xff\xff not a websocket frame")
+        async with connect(app.url, key) as oversized:
+            await oversized.send_message("x" * (app.settings.max_message_size + 1))
+            assert await closed_with(oversized) == 1009
+        for n in range(3):
+            await app.db.samples.insert_one({"_id": f"after-{n}"})
+        ids = [(await receive_json(healthy))["data"]["id"] for _ in range(3)]
+        assert ids == ["after-0", "after-1", "after-2"]
+        garbage.close()
+
+
+async def raw_client(url: str, key: str) -> trio.socket.SocketType:
+    """A bare TCP client that completes the websocket handshake and then does as it likes."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    await sock.send(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"
+    )
+    response = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in response:
+            response += await sock.recv(4096)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+async def test_silent_peer_is_closed_by_the_heartbeat(
+    mongodb_url: str, db_name: str, tmp_path: Path
+) -> None:
+    settings = test_settings(mongodb_url, db_name, tmp_path, heartbeat_interval=0.2)
+    async with open_app(settings) as app:
+        silent = await raw_client(app.url, await new_key(app))  # never answers a ping
+        await wait_for_clients(app, 1)
+        with trio.fail_after(5):
+            while app.dispatcher.clients:
+                await trio.sleep(0.05)
+        silent.close()
+
+
+async def test_shutdown_closes_200_clients_with_1001(
+    mongodb_url: str, db_name: str, tmp_path: Path
+) -> None:
+    settings = test_settings(mongodb_url, db_name, tmp_path)
+    codes: list[int] = []
+    async with trio.open_nursery() as clients:
+        async with open_app(settings) as app:
+            key = await new_key(app)
+
+            async def client(ready: trio.Event) -> None:
+                async with connect(app.url, key) as websocket:
+                    ready.set()
+                    codes.append(await closed_with(websocket, timeout=30))
+
+            for _ in range(200):
+                ready = trio.Event()
+                clients.start_soon(client, ready)
+                await ready.wait()
+            await wait_for_clients(app, 200)
+            started = trio.current_time()
+        stopped_in = trio.current_time() - started
+    assert codes == [CloseCode.GOING_AWAY] * 200
+    assert stopped_in < settings.shutdown_timeout

@@ -1,0 +1,5 @@
+import sys
+
+from vtrio.cli import main
+
+sys.exit(main())

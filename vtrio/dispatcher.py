@@ -1,0 +1,290 @@
+"""The dispatcher: keeps every websocket client semi-synced with MongoDB.
+
+Every acknowledged write becomes one change message, serialised once::
+
+    {"interface": "samples", "operation": "insert" | "update" | "delete", "data": ...}
+
+and offered to every connected client that may see it. Offering never waits: each client has a
+bounded outbox and a sender task of its own, so a slow or broken client can hold up neither the
+writer nor the other clients. When a client's outbox holds several messages, its sender sends
+them as one frame holding a JSON array (in order, up to :data:`BATCH_CAP`); a lone message goes
+out at once as a plain object. A client that asked for ``?batch=0`` gets one message per frame.
+
+Close codes a client can see:
+
+====  ===================================================================================
+1001  the server is shutting down
+1002  the client broke the websocket protocol (a garbage frame)
+1009  the client sent a frame larger than ``--max-message-size``
+1011  vtrio failed while serving the connection (logged on the server)
+4000  no API key, a wrong one, or one that has since been revoked
+4001  no pong within the heartbeat interval: the peer is gone
+4002  the client read too slowly and its outbox (``--send-queue-size``) overflowed;
+      the queued messages are dropped, the client should reconnect and reload
+====  ===================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from enum import IntEnum
+from typing import Any, Protocol
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from vtrio.encoding import dumps
+
+log = logging.getLogger(__name__)
+
+OPERATIONS = frozenset({"insert", "update", "delete"})
+BATCH_CAP = 500
+"""The most messages one coalesced frame holds."""
+
+
+class CloseCode(IntEnum):
+    GOING_AWAY = 1001
+    INTERNAL_ERROR = 1011
+    UNAUTHENTICATED = 4000
+    HEARTBEAT_TIMEOUT = 4001
+    TOO_SLOW = 4002
+
+
+class Identity(Protocol):
+    """Who is at the other end of a connection, as far as the dispatch rules need to know."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def key_id(self) -> str: ...
+
+
+Rule = Callable[[Any, Any], bool]
+"""``rule(identity, data)``: may this connection's user receive this message's data?"""
+
+KeyCheck = Callable[[set[str]], Awaitable[set[str]]]
+"""``await check(key_ids)``: which of these API keys are still valid."""
+
+
+def allow_everyone(identity: Any, data: Any) -> bool:
+    return True
+
+
+class Client:
+    """One websocket connection as the dispatcher sees it: its user, its outbox, its sender."""
+
+    def __init__(
+        self, websocket: WebSocketConnection, identity: Any, *, batch: bool, queue_size: int
+    ) -> None:
+        self.websocket = websocket
+        self.identity = identity
+        self.batch = batch
+        self._queue_size = queue_size
+        self._outbox: deque[str] = deque()
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self._closing = trio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<Client {self.websocket.remote} user={getattr(self.identity, 'user_id', '?')}>"
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    def offer(self, message: str) -> None:
+        """Queue ``message`` for this client without waiting; close it if it cannot keep up."""
+        if self.closing:
+            return
+        if len(self._outbox) >= self._queue_size:
+            self._outbox.clear()  # bounded memory: a client that fell behind reloads anyway
+            self.close_soon(CloseCode.TOO_SLOW, "outbox overflowed: read faster or reconnect")
+            return
+        self._outbox.append(message)
+        self._wakeup.unpark()
+
+    def close_soon(self, code: int, reason: str = "") -> None:
+        """Ask for this connection to be closed with ``code``; the first request wins."""
+        if not self.closing:
+            self.close_code, self.close_reason = code, reason
+            self._closing.set()
+            self._wakeup.unpark()
+
+    async def send_until_closed(self) -> None:
+        """Send the outbox, coalescing what has piled up, until the connection is closing."""
+        try:
+            while not self.closing:
+                if not self._outbox:
+                    await self._wakeup.park()
+                    continue
+                for frame in self._frames():
+                    await self.websocket.send_message(frame)
+        except ConnectionClosed:
+            self.close_soon(CloseCode.GOING_AWAY)
+
+    def _frames(self) -> Iterable[str]:
+        outbox = self._outbox
+        if not self.batch or len(outbox) == 1:
+            yield outbox.popleft()
+            return
+        count = min(len(outbox), BATCH_CAP)
+        yield "[" + ",".join([outbox.popleft() for _ in range(count)]) + "]"
+
+    async def wait_closing(self) -> None:
+        await self._closing.wait()
+
+
+class Dispatcher:
+    """Knows every open connection; turns database changes into messages for them.
+
+    :meth:`dispatch` may be called before :meth:`running` starts or after it ends: with no
+    connection, a message simply reaches no one.
+    """
+
+    def __init__(
+        self,
+        *,
+        rules: Mapping[str, Rule] | None = None,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self._rules = dict(rules or {})
+        self._clients: set[Client] = set()
+        self._close_timeout = close_timeout
+        self._client_left = trio.lowlevel.ParkingLot()
+
+    @property
+    def clients(self) -> frozenset[Client]:
+        return frozenset(self._clients)
+
+    def dispatch(self, interface: str, operation: str, data: Any) -> None:
+        """Send a change message to every connection that may see ``data``. Never waits.
+
+        Raises ValueError for an unknown operation or an empty interface, and TypeError if
+        ``data`` is of the wrong kind or cannot be sent as JSON; nothing is sent then.
+        """
+        message = self.encode(interface, operation, data)
+        rule = self._rules.get(interface, allow_everyone)
+        for client in self._clients:
+            if rule(client.identity, data):
+                client.offer(message)
+
+    @staticmethod
+    def encode(interface: str, operation: str, data: Any) -> str:
+        if not isinstance(interface, str) or not interface:
+            raise ValueError(f"interface must be a collection name, not {interface!r}")
+        if operation not in OPERATIONS:
+            raise ValueError(f"operation must be one of {sorted(OPERATIONS)}, not {operation!r}")
+        expected = list if operation == "delete" else dict
+        if not isinstance(data, expected):
+            raise TypeError(f"{operation} data must be a {expected.__name__}, not {data!r}")
+        return dumps({"interface": interface, "operation": operation, "data": data})
+
+    @asynccontextmanager
+    async def running(
+        self,
+        *,
+        grace_period: float,
+        check_keys: KeyCheck | None = None,
+        key_check_interval: float = 2.0,
+    ) -> AsyncIterator[trio.Nursery]:
+        """Own the connections: yield the nursery every connection's tasks must run in.
+
+        On exit, every open connection is closed with 1001 concurrently, for at most
+        ``grace_period`` seconds; whatever is left then is cancelled (its peer sees 1006).
+        If ``check_keys`` is given, connections whose API key is no longer valid are closed
+        with 4000 within ``key_check_interval`` seconds.
+        """
+        async with trio.open_nursery() as nursery:
+            if check_keys is not None:
+                nursery.start_soon(self._close_revoked, check_keys, key_check_interval)
+            try:
+                yield nursery
+            finally:
+                with trio.move_on_after(grace_period):
+                    await self.close_all(CloseCode.GOING_AWAY, "server shutting down")
+                nursery.cancel_scope.cancel()
+
+    async def close_all(self, code: int, reason: str = "") -> None:
+        """Close every connection with ``code`` and wait until all are gone."""
+        for client in list(self._clients):
+            client.close_soon(code, reason)
+        while self._clients:
+            await self._client_left.park()
+
+    async def serve(
+        self,
+        client: Client,
+        on_message: Callable[[Client, str | bytes, trio.Nursery], Awaitable[None]],
+        *,
+        heartbeat_interval: float,
+    ) -> None:
+        """Serve ``client`` until it closes, or is closed: send, receive, heartbeat.
+
+        ``on_message`` is awaited for every message the client sends, in the reader task; long
+        work belongs in a task it starts in the nursery it is given, which is the connection's
+        own (cancelled when the connection ends). Returns once the connection is closed;
+        closing is bounded by the close timeout, after which the socket is dropped.
+        """
+        self._clients.add(client)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_until_closed)
+                nursery.start_soon(_heartbeat, client, heartbeat_interval)
+                nursery.start_soon(_receive_until_closed, client, on_message, nursery)
+                await client.wait_closing()
+                with trio.move_on_after(self._close_timeout):
+                    await client.websocket.aclose(client.close_code or 1000, client.close_reason)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._clients.discard(client)
+            self._client_left.unpark_all()
+
+    async def _close_revoked(self, check_keys: KeyCheck, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            clients = list(self._clients)
+            key_ids = {client.identity.key_id for client in clients}
+            if not key_ids:
+                continue
+            try:
+                valid = await check_keys(key_ids)
+            except Exception:
+                log.exception("could not check API keys; will try again")
+                continue
+            for client in clients:
+                if client.identity.key_id not in valid:
+                    client.close_soon(CloseCode.UNAUTHENTICATED, "API key revoked")
+
+
+async def _receive_until_closed(
+    client: Client,
+    on_message: Callable[[Client, str | bytes, trio.Nursery], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    # Reading never stops while the connection is open: trio-websocket processes pings and close
+    # frames only while its one-message receive queue has room.
+    try:
+        while True:
+            message = await client.websocket.get_message()
+            await on_message(client, message, nursery)
+    except ConnectionClosed as closed:
+        reason = closed.reason
+        client.close_soon(reason.code if reason else 1006, "peer closed")
+
+
+async def _heartbeat(client: Client, interval: float) -> None:
+    try:
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                await client.websocket.ping()
+                continue
+            client.close_soon(CloseCode.HEARTBEAT_TIMEOUT, f"no pong within {interval} s")
+            return
+    except ConnectionClosed:
+        client.close_soon(CloseCode.GOING_AWAY)
