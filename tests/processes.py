@@ -68,13 +68,9 @@ class VtrioProcess:
 
 @asynccontextmanager
 async def vtrio_process(
-    args: Sequence[str], *, data_dir: Path | None = None, env: dict[str, str] | None = None
+    args: Sequence[str], *, env: dict[str, str] | None = None
 ) -> AsyncIterator[VtrioProcess]:
-    """Run ``python -m vtrio ARGS`` for the block.
-
-    If it is still alive afterwards it is killed, and so is any mongod it left under
-    ``data_dir``: a failing test must not leave processes behind either.
-    """
+    """Run ``python -m vtrio ARGS`` for the block; if it is still alive afterwards, kill it."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("VTRIO_")}
     environment.update(env or {})
     process = await trio.lowlevel.open_process(
@@ -94,8 +90,6 @@ async def vtrio_process(
                 process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
-            for pid in mongods_using(data_dir) if data_dir else []:
-                kill(pid)
             nursery.cancel_scope.cancel()
 
 

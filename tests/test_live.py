@@ -65,7 +65,9 @@ async def test_datetimes_and_object_ids_are_strings(app: App) -> None:
     from datetime import UTC, datetime
 
     async with connect(app.url, await new_key(app)) as client:
-        inserted = await app.db.samples.insert_one({"at": datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)})
+        inserted = await app.db.samples.insert_one(
+            {"at": datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)}
+        )
         message = await receive_json(client)
     assert message["data"] == {"id": str(inserted["_id"]), "at": "2024-05-06T07:08:09Z"}
 
@@ -188,7 +190,9 @@ async def test_broken_clients_do_not_disturb_the_others(app: App) -> None:
         # A client that vanishes mid-stream: its TCP connection is reset.
         vanishing = await raw_client(app.url, key)
         await wait_for_clients(app, 2)
-        vanishing.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        vanishing.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
         vanishing.close()
         # A client that sends a garbage frame, and one that sends an oversized frame.
         garbage = await raw_client(app.url, key)

@@ -10,9 +10,17 @@ import pymongo
 import pytest
 import trio
 
-from tests.processes import mongods_using, run_vtrio, vtrio_process
+from tests.processes import kill, mongods_using, run_vtrio, vtrio_process
 
 GRACE = 5.0
+
+
+@pytest.fixture(autouse=True)
+def no_stray_mongod(tmp_path: Path):
+    """Whatever a test asserts, no mongod it caused outlives it."""
+    yield
+    for pid in mongods_using(tmp_path):
+        kill(pid)
 
 
 def free_port() -> int:
@@ -33,7 +41,7 @@ async def test_embedded_server_keeps_data_across_restart_and_stops_cleanly(
     args = server_args(tmp_path, "--mongod-port", str(mongod_port))
     url = f"mongodb://127.0.0.1:{mongod_port}/?directConnection=true"
 
-    async with vtrio_process(args, data_dir=tmp_path) as server:
+    async with vtrio_process(args) as server:
         assert (await server.wait_ready()).startswith("ws://127.0.0.1:")
         assert len(mongods_using(tmp_path)) == 1
         with pymongo.MongoClient(url) as client:
@@ -43,7 +51,7 @@ async def test_embedded_server_keeps_data_across_restart_and_stops_cleanly(
     assert mongods_using(tmp_path) == []
     assert "mongodb: stopped" in server.output
 
-    async with vtrio_process(args, data_dir=tmp_path) as server:
+    async with vtrio_process(args) as server:
         await server.wait_ready()
         with pymongo.MongoClient(url) as client:
             assert client.vtrio.notes.find_one({"_id": "kept"})["text"] == "survives a restart"
@@ -54,7 +62,7 @@ async def test_embedded_server_keeps_data_across_restart_and_stops_cleanly(
 
 async def test_second_sigint_stops_at_once(tmp_path: Path, mongodb_url: str) -> None:
     args = server_args(tmp_path, "--mongodb-url", mongodb_url, "--shutdown-timeout", "60")
-    async with vtrio_process(args, data_dir=tmp_path) as server:
+    async with vtrio_process(args) as server:
         await server.wait_ready()
         server.signal(signal.SIGINT)
         await server.wait_for_line("stopping gracefully")
@@ -68,7 +76,7 @@ async def test_occupied_port_fails_naming_the_service(tmp_path: Path, mongodb_ur
         taken.listen()
         port = taken.getsockname()[1]
         args = ["--port", str(port), "--data-dir", str(tmp_path), "--mongodb-url", mongodb_url]
-        async with vtrio_process(args, data_dir=tmp_path) as server:
+        async with vtrio_process(args) as server:
             assert await server.wait(60) == 1
     last = server.lines[-1]
     assert last.startswith("vtrio: websocket failed to start:"), server.output
@@ -80,7 +88,7 @@ async def test_embedded_mongod_stops_when_a_later_service_fails(tmp_path: Path) 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         args = ["--port", str(taken.getsockname()[1]), "--data-dir", str(tmp_path)]
-        async with vtrio_process(args, data_dir=tmp_path) as server:
+        async with vtrio_process(args) as server:
             assert await server.wait(60) == 1
     assert "mongodb: stopped" in server.output
     assert mongods_using(tmp_path) == []
@@ -89,19 +97,19 @@ async def test_embedded_mongod_stops_when_a_later_service_fails(tmp_path: Path) 
 async def test_unreachable_mongodb_fails_naming_the_service(tmp_path: Path) -> None:
     url = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=500"
     args = server_args(tmp_path, "--mongodb-url", url, "--mongodb-timeout", "1")
-    async with vtrio_process(args, data_dir=tmp_path) as server:
+    async with vtrio_process(args) as server:
         assert await server.wait(30) == 1
     assert server.lines[-1].startswith("vtrio: database failed to start:"), server.output
 
 
 async def test_data_dir_in_use_by_another_mongod_fails_clearly(tmp_path: Path) -> None:
-    async with vtrio_process(server_args(tmp_path), data_dir=tmp_path) as first:
+    async with vtrio_process(server_args(tmp_path)) as first:
         await first.wait_ready()
-        async with vtrio_process(server_args(tmp_path), data_dir=tmp_path) as second:
+        async with vtrio_process(server_args(tmp_path)) as second:
             assert await second.wait(30) == 1
         assert "in use by another mongod" in second.lines[-1], second.output
         first.signal(signal.SIGTERM)
-        assert await first.wait(GRACE + 2) == 0
+        assert await first.wait(GRACE + 2) == 0, first.output
     assert mongods_using(tmp_path) == []
 
 
@@ -123,7 +131,9 @@ def test_bad_settings_exit_2_with_one_line(tmp_path: Path, args: list[str], name
 
 
 def test_bad_setting_from_environment_names_the_variable(tmp_path: Path) -> None:
-    result = run_vtrio(["users", "create", "x"], env={"VTRIO_PORT": "-3", "VTRIO_DATA_DIR": str(tmp_path)})
+    result = run_vtrio(
+        ["users", "create", "x"], env={"VTRIO_PORT": "-3", "VTRIO_DATA_DIR": str(tmp_path)}
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("vtrio: error: VTRIO_PORT:"), result.stderr
 
@@ -137,7 +147,9 @@ def test_unusable_data_dir_exits_2(tmp_path: Path) -> None:
 
 
 def test_flag_wins_over_environment(tmp_path: Path) -> None:
-    result = run_vtrio(["--port", "70000"], env={"VTRIO_PORT": "9950", "VTRIO_DATA_DIR": str(tmp_path)})
+    result = run_vtrio(
+        ["--port", "70000"], env={"VTRIO_PORT": "9950", "VTRIO_DATA_DIR": str(tmp_path)}
+    )
     assert result.stderr.startswith("vtrio: error: --port:")
 
 

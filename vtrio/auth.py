@@ -54,9 +54,7 @@ async def create_user(
 ) -> dict[str, Any]:
     """Create the user ``name``. Raises AuthError if the name is taken or malformed."""
     if not _USER_NAME.match(name):
-        raise AuthError(
-            f"{name!r} is not a user name: use 1-64 letters, digits, '_', '.' or '-'"
-        )
+        raise AuthError(f"{name!r} is not a user name: use 1-64 letters, digits, '_', '.' or '-'")
     document = {
         "_id": name,
         "name": name,

@@ -70,20 +70,28 @@ def _parser() -> argparse.ArgumentParser:
     create_user = users.add_parser("create", parents=[settings], help="create a user")
     create_user.add_argument("name")
     create_user.add_argument("--admin", action="store_true", help="the user administers vtrio")
-    create_user.add_argument("--group", action="append", default=[], dest="groups",
-                             metavar="GROUP", help="a group the user belongs to (repeatable)")
+    create_user.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        dest="groups",
+        metavar="GROUP",
+        help="a group the user belongs to (repeatable)",
+    )
     create_user.set_defaults(command=users_create)
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(required=True)
-    create_key = keys.add_parser("create", parents=[settings],
-                                 help="create a key for USER; prints the key, once")
+    create_key = keys.add_parser(
+        "create", parents=[settings], help="create a key for USER; prints the key, once"
+    )
     create_key.add_argument("user")
     create_key.set_defaults(command=keys_create)
     list_keys = keys.add_parser("list", parents=[settings], help="list USER's key ids and dates")
     list_keys.add_argument("user")
     list_keys.set_defaults(command=keys_list)
-    revoke_key = keys.add_parser("revoke", parents=[settings],
-                                 help="revoke a key; its connections are closed")
+    revoke_key = keys.add_parser(
+        "revoke", parents=[settings], help="revoke a key; its connections are closed"
+    )
     revoke_key.add_argument("id")
     revoke_key.set_defaults(command=keys_revoke)
     return parser  # fmt: skip
@@ -120,8 +128,9 @@ async def admin_database(settings: Settings) -> AsyncIterator[Database]:
         )
     async with (
         url_source as url,
-        open_database(url, settings.db_name, dispatch=_nowhere, timeout=settings.mongodb_timeout)
-        as db,
+        open_database(
+            url, settings.db_name, dispatch=_nowhere, timeout=settings.mongodb_timeout
+        ) as db,
     ):
         await auth.create_indexes(db)
         yield db

@@ -113,7 +113,9 @@ class Settings:
     shutdown_timeout: float = setting(
         10.0, "grace period for a graceful shutdown, in seconds", _positive_float
     )
-    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", _choice(LOG_LEVELS, upper=True))
+    log_level: str = setting(
+        "INFO", "DEBUG, INFO, WARNING or ERROR", _choice(LOG_LEVELS, upper=True)
+    )
     # MongoDB
     mongodb_url: str | None = setting(
         None, "MongoDB to use; unset: run an embedded mongod under the data directory", _mongodb_url
@@ -122,7 +124,9 @@ class Settings:
     mongod_path: Path | None = setting(
         None, "mongod binary for the embedded MongoDB (default: the one from vtrio[mongodb])", Path
     )
-    mongod_port: int = setting(0, "port of the embedded mongod on 127.0.0.1 (0: any free port)", _port)
+    mongod_port: int = setting(
+        0, "port of the embedded mongod on 127.0.0.1 (0: any free port)", _port
+    )
     mongodb_timeout: float = setting(
         10.0, "time limit of one MongoDB operation, in seconds", _positive_float
     )
@@ -136,6 +140,9 @@ class Settings:
     )
     process_backend: str = setting(
         "trio-parallel", "process pool: trio-parallel or process-pool", _choice(PROCESS_BACKENDS)
+    )
+    jobs: int = setting(
+        2, "jobs run at once (each uses one worker process at a time)", _positive_int
     )
     # Websocket clients
     max_connections: int = setting(10_000, "websocket connections accepted at once", _positive_int)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from enum import IntEnum
 from typing import Any, Protocol
@@ -70,6 +70,12 @@ KeyCheck = Callable[[set[str]], Awaitable[set[str]]]
 """``await check(key_ids)``: which of these API keys are still valid."""
 
 
+class _Reply(str):
+    """An outbox entry that goes out as a frame of its own (a JSON-RPC response)."""
+
+    __slots__ = ()
+
+
 def allow_everyone(identity: Any, data: Any) -> bool:
     return True
 
@@ -108,6 +114,10 @@ class Client:
         self._outbox.append(message)
         self._wakeup.unpark()
 
+    def reply(self, text: str) -> None:
+        """Queue an answer to this client's request: a frame of its own, never coalesced."""
+        self.offer(_Reply(text))
+
     def close_soon(self, code: int, reason: str = "") -> None:
         """Ask for this connection to be closed with ``code``; the first request wins."""
         if not self.closing:
@@ -122,18 +132,19 @@ class Client:
                 if not self._outbox:
                     await self._wakeup.park()
                     continue
-                for frame in self._frames():
-                    await self.websocket.send_message(frame)
+                await self.websocket.send_message(self._next_frame())
         except ConnectionClosed:
             self.close_soon(CloseCode.GOING_AWAY)
 
-    def _frames(self) -> Iterable[str]:
+    def _next_frame(self) -> str:
         outbox = self._outbox
-        if not self.batch or len(outbox) == 1:
-            yield outbox.popleft()
-            return
-        count = min(len(outbox), BATCH_CAP)
-        yield "[" + ",".join([outbox.popleft() for _ in range(count)]) + "]"
+        first = outbox.popleft()
+        if not self.batch or type(first) is _Reply or not outbox or type(outbox[0]) is _Reply:
+            return first
+        messages = [first]
+        while outbox and len(messages) < BATCH_CAP and type(outbox[0]) is not _Reply:
+            messages.append(outbox.popleft())
+        return "[" + ",".join(messages) + "]"
 
     async def wait_closing(self) -> None:
         await self._closing.wait()

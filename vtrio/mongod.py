@@ -244,12 +244,12 @@ def _last_error(log_file: Path) -> str:
     return f"see {log_file}"
 
 
-async def _stop(process: trio.Process, timeout: float) -> None:
+async def _stop(process: trio.Process, grace: float) -> None:
     if process.returncode is None:
         process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(grace):
             await process.wait()
         if process.returncode is None:
-            log.warning("mongod did not stop within %.1f s; killing it", timeout)
+            log.warning("mongod did not stop within %.1f s; killing it", grace)
             process.kill()
             await process.wait()

@@ -6,6 +6,7 @@ The tree, started top to bottom and stopped bottom to top::
     http         the shared httpx client for NCBI and GitHub
     executors    run_in_thread / run_in_process
     database     pymongo through trio.to_thread; every write dispatches
+    jobs         runs waiting jobs; on the way out puts running ones back to waiting
     dispatcher   owns every websocket connection; closes them with 1001 on the way out
     websocket    the listening socket for /ws: stops accepting first
 
@@ -21,39 +22,47 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
-from vtrio import auth
+from vtrio import access, api, auth, jobs, samples
 from vtrio.config import Settings
 from vtrio.db import Database, open_database
 from vtrio.dispatcher import Dispatcher
 from vtrio.executors import Executors, open_executors
 from vtrio.http import HttpClient, open_http_client
+from vtrio.jobs import JobRunner, runner_name
 from vtrio.mongod import run_mongod
+from vtrio.ncbi import NCBIClient
 from vtrio.services import service
+from vtrio.uploads import Uploads
 from vtrio.websocket import WebsocketLimits, serve_ws
 
 log = logging.getLogger("vtrio")
 
 
-@dataclass(frozen=True)
+@dataclass
 class App:
     """The running services, for everything that needs one of them."""
 
     settings: Settings
     http: HttpClient
+    ncbi: NCBIClient
     executors: Executors
     db: Database
+    uploads: Uploads
+    jobs: JobRunner
     dispatcher: Dispatcher
-    url: str
+    started_at: float = field(default_factory=time.monotonic)
+    url: str = ""
 
 
-def mongodb(settings: Settings) -> AbstractAsyncContextManager[str]:
+def mongodb_service(settings: Settings) -> AbstractAsyncContextManager[str]:
     """The MongoDB the tree uses: the configured URL, or an embedded mongod's."""
     if settings.mongodb_url:
         return nullcontext(settings.mongodb_url)
@@ -63,62 +72,103 @@ def mongodb(settings: Settings) -> AbstractAsyncContextManager[str]:
 @asynccontextmanager
 async def open_app(settings: Settings) -> AsyncIterator[App]:
     """Start the service tree; yield the running app; stop the tree in reverse order."""
-    dispatcher = Dispatcher(close_timeout=settings.shutdown_timeout)
+    dispatcher = Dispatcher(rules=DISPATCH_RULES, close_timeout=settings.shutdown_timeout)
     async with (
-        service("mongodb", mongodb(settings)) as mongodb_url,
-        service(
-            "http",
-            open_http_client(
-                connect_timeout=settings.http_connect_timeout,
-                read_timeout=settings.http_read_timeout,
-                total_timeout=settings.http_total_timeout,
-                max_connections=settings.http_max_connections,
-            ),
-        ) as http,
-        service(
-            "executors",
-            open_executors(
-                threads=settings.threads,
-                processes=settings.processes,
-                process_backend=settings.process_backend,  # type: ignore[arg-type]
-            ),
-        ) as executors,
-        service(
-            "database",
-            open_database(
-                mongodb_url,
-                settings.db_name,
-                dispatch=dispatcher.dispatch,
-                pool_size=settings.mongodb_pool_size,
-                timeout=settings.mongodb_timeout,
-            ),
-        ) as db,
-        service(
-            "dispatcher",
-            dispatcher.running(
-                grace_period=settings.shutdown_timeout,
-                check_keys=partial(auth.valid_key_ids, db),
-            ),
-        ) as connections,
-        service(
-            "websocket",
-            serve_ws(
-                host=settings.host,
-                port=settings.port,
-                dispatcher=dispatcher,
-                connections=connections,
-                authenticate=partial(auth.authenticate, db),
-                limits=WebsocketLimits(
-                    max_connections=settings.max_connections,
-                    max_message_size=settings.max_message_size,
-                    send_queue_size=settings.send_queue_size,
-                    heartbeat_interval=settings.heartbeat_interval,
-                ),
-            ),
-        ) as url,
+        service("mongodb", mongodb_service(settings)) as mongodb_url,
+        service("http", http_service(settings)) as http,
+        service("executors", executor_service(settings)) as executors,
+        service("database", database_service(settings, mongodb_url, dispatcher)) as db,
     ):
-        await auth.create_indexes(db)
-        yield App(settings, http, executors, db, dispatcher, url)
+        await create_indexes(db)
+        uploads = await open_uploads(settings)
+        runner = JobRunner(
+            db, executors, uploads, name=runner_name(settings.data_dir), concurrency=settings.jobs
+        )
+        app = App(settings, http, ncbi(settings, http), executors, db, uploads, runner, dispatcher)
+        async with (
+            service("jobs", runner.running()),
+            service("dispatcher", connections_service(settings, dispatcher, db)) as nursery,
+            service("websocket", websocket_service(settings, app, nursery)) as app.url,
+        ):
+            yield app
+
+
+# --- each service, built from the settings --------------------------------------------------
+
+
+def http_service(settings: Settings) -> AbstractAsyncContextManager[HttpClient]:
+    return open_http_client(
+        connect_timeout=settings.http_connect_timeout,
+        read_timeout=settings.http_read_timeout,
+        total_timeout=settings.http_total_timeout,
+        max_connections=settings.http_max_connections,
+    )
+
+
+def ncbi(settings: Settings, http: HttpClient) -> NCBIClient:
+    return NCBIClient(http, base_url=settings.ncbi_base_url, api_key=settings.ncbi_api_key)
+
+
+def executor_service(settings: Settings) -> AbstractAsyncContextManager[Executors]:
+    return open_executors(
+        threads=settings.threads,
+        processes=settings.processes,
+        process_backend=settings.process_backend,  # type: ignore[arg-type]
+    )
+
+
+def database_service(
+    settings: Settings, url: str, dispatcher: Dispatcher
+) -> AbstractAsyncContextManager[Database]:
+    return open_database(
+        url,
+        settings.db_name,
+        dispatch=dispatcher.dispatch,
+        pool_size=settings.mongodb_pool_size,
+        timeout=settings.mongodb_timeout,
+    )
+
+
+async def open_uploads(settings: Settings) -> Uploads:
+    folder = trio.Path(settings.data_dir / "uploads")
+    await folder.mkdir(exist_ok=True)
+    return Uploads(folder)
+
+
+def connections_service(
+    settings: Settings, dispatcher: Dispatcher, db: Database
+) -> AbstractAsyncContextManager[trio.Nursery]:
+    return dispatcher.running(
+        grace_period=settings.shutdown_timeout, check_keys=partial(auth.valid_key_ids, db)
+    )
+
+
+def websocket_service(
+    settings: Settings, app: App, nursery: trio.Nursery
+) -> AbstractAsyncContextManager[str]:
+    return serve_ws(
+        host=settings.host,
+        port=settings.port,
+        dispatcher=app.dispatcher,
+        connections=nursery,
+        authenticate=partial(auth.authenticate, app.db),
+        on_message=api.endpoint(app).on_message,
+        limits=WebsocketLimits(
+            max_connections=settings.max_connections,
+            max_message_size=settings.max_message_size,
+            send_queue_size=settings.send_queue_size,
+            heartbeat_interval=settings.heartbeat_interval,
+        ),
+    )
+
+
+DISPATCH_RULES = {"samples": access.may_receive, "jobs": access.may_receive}
+
+
+async def create_indexes(db: Database) -> None:
+    await auth.create_indexes(db)
+    await samples.create_indexes(db)
+    await jobs.create_indexes(db)
 
 
 async def serve(settings: Settings) -> None:
