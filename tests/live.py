@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,13 +13,15 @@ from typing import Any
 
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request
 
 from vtrio import auth
 from vtrio.config import Settings
 from vtrio.server import App, open_app
 
 
-def test_settings(mongodb_url: str, db_name: str, data_dir: Path, **overrides: Any) -> Settings:
+def settings_for(mongodb_url: str, db_name: str, data_dir: Path, **overrides: Any) -> Settings:
     return dataclasses.replace(
         Settings(),
         host="127.0.0.1",
@@ -66,3 +70,53 @@ async def receive_messages(websocket: WebSocketConnection, count: int, timeout: 
             frame = json.loads(await websocket.get_message())
             messages.extend(frame if isinstance(frame, list) else [frame])
     return messages
+
+
+class RawClient:
+    """A websocket client on a bare socket: it reads only when told to, answers no ping on
+    its own, and can misbehave in ways a library client will not."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.protocol = WSConnection(ConnectionType.CLIENT)
+
+    @classmethod
+    async def connect(cls, url: str, key: str, *, receive_buffer: int = 0) -> RawClient:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        sock = trio.socket.socket()
+        if receive_buffer:  # a small window makes the server's socket block sooner
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect(("127.0.0.1", port))
+        client = cls(sock)
+        headers = [(b"authorization", f"Bearer {key}".encode())]
+        await sock.send(client.protocol.send(Request(host="127.0.0.1", target="/ws",
+                                                     extra_headers=headers)))  # fmt: skip
+        await client.next_event(AcceptConnection)
+        return client
+
+    async def next_event(self, kind: type, timeout: float = 30) -> Any:
+        """Read until an event of ``kind`` arrives (skipping others); return it."""
+        with trio.fail_after(timeout):
+            while True:
+                for event in self.protocol.events():
+                    if isinstance(event, kind):
+                        return event
+                data = await self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the server closed the TCP connection")
+                self.protocol.receive_data(data)
+
+    async def close_code(self, timeout: float = 30) -> int:
+        """The code of the server's close frame; 1006 if the connection ended without one."""
+        try:
+            return (await self.next_event(CloseConnection, timeout)).code
+        except (ConnectionError, OSError):
+            return 1006
+
+    def reset(self) -> None:
+        """Vanish: close with an RST, as a killed client or a dropped network does."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()

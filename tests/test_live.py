@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from tests.live import connect, new_key, receive_json, receive_messages, test_settings
+from tests.live import (
+    RawClient,
+    connect,
+    new_key,
+    receive_json,
+    receive_messages,
+    settings_for,
+)
 from vtrio import auth
-from vtrio.dispatcher import CloseCode
+from vtrio.auth import Identity
+from vtrio.db.errors import DuplicateKey
+from vtrio.dispatcher import Client, CloseCode, Dispatcher
 from vtrio.server import App, open_app
+from vtrio.websocket import serve_ws
 
 
 @pytest.fixture
 async def app(mongodb_url: str, db_name: str, tmp_path: Path):
-    async with open_app(test_settings(mongodb_url, db_name, tmp_path)) as app:
+    async with open_app(settings_for(mongodb_url, db_name, tmp_path)) as app:
         yield app
 
 
@@ -34,14 +44,14 @@ async def closed_with(websocket, timeout: float = 10) -> int:
 
 async def test_writes_reach_a_client_in_order(app: App) -> None:
     async with connect(app.url, await new_key(app), query="?batch=0") as client:
-        await app.db.samples.insert_one({"_id": "s1", "name": "one"})
-        await app.db.samples.update_one({"_id": "s1"}, {"$set": {"name": "uno"}})
-        await app.db.samples.delete_one({"_id": "s1"})
+        await app.db.notes.insert_one({"_id": "s1", "name": "one"})
+        await app.db.notes.update_one({"_id": "s1"}, {"$set": {"name": "uno"}})
+        await app.db.notes.delete_one({"_id": "s1"})
         messages = [await receive_json(client) for _ in range(3)]
     assert [(m["interface"], m["operation"]) for m in messages] == [
-        ("samples", "insert"),
-        ("samples", "update"),
-        ("samples", "delete"),
+        ("notes", "insert"),
+        ("notes", "update"),
+        ("notes", "delete"),
     ]
     assert messages[0]["data"]["id"] == "s1"
     assert "_id" not in messages[0]["data"]
@@ -50,13 +60,13 @@ async def test_writes_reach_a_client_in_order(app: App) -> None:
 
 
 async def test_silent_and_failed_writes_send_nothing(app: App) -> None:
-    await app.db.samples.insert_one({"_id": "taken"}, silent=True)
+    await app.db.notes.insert_one({"_id": "taken"}, silent=True)
     async with connect(app.url, await new_key(app), query="?batch=0") as client:
-        await app.db.samples.insert_one({"_id": "quiet"}, silent=True)
-        with pytest.raises(Exception, match="uplicate"):
-            await app.db.samples.insert_one({"_id": "taken"})
+        await app.db.notes.insert_one({"_id": "quiet"}, silent=True)
+        with pytest.raises(DuplicateKey):
+            await app.db.notes.insert_one({"_id": "taken"})
         await app.db.keys.insert_one({"_id": "silent collection", "hash": "x"})
-        await app.db.samples.insert_one({"_id": "loud"})
+        await app.db.notes.insert_one({"_id": "loud"})
         # The first message to arrive is the loud write's: nothing came before it.
         assert (await receive_json(client))["data"]["id"] == "loud"
 
@@ -65,9 +75,7 @@ async def test_datetimes_and_object_ids_are_strings(app: App) -> None:
     from datetime import UTC, datetime
 
     async with connect(app.url, await new_key(app)) as client:
-        inserted = await app.db.samples.insert_one(
-            {"at": datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)}
-        )
+        inserted = await app.db.notes.insert_one({"at": datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)})
         message = await receive_json(client)
     assert message["data"] == {"id": str(inserted["_id"]), "at": "2024-05-06T07:08:09Z"}
 
@@ -76,19 +84,19 @@ async def test_cancelled_writer_still_dispatches(app: App) -> None:
     async with connect(app.url, await new_key(app)) as client:
         with trio.CancelScope() as scope:
             scope.cancel()  # cancelled before it starts: the write never happens
-            await app.db.samples.insert_one({"_id": "never"})
+            await app.db.notes.insert_one({"_id": "never"})
         async with trio.open_nursery() as nursery:
 
             async def write() -> None:
-                await app.db.samples.insert_one({"_id": "cancelled"})
+                await app.db.notes.insert_one({"_id": "cancelled"})
 
             nursery.start_soon(write)
             await trio.testing.wait_all_tasks_blocked()  # the write is now in its thread
             nursery.cancel_scope.cancel()
         message = await receive_json(client)
     assert message["data"]["id"] == "cancelled"
-    assert await app.db.samples.find_one({"_id": "cancelled"}) is not None
-    assert await app.db.samples.find_one({"_id": "never"}) is None
+    assert await app.db.notes.find_one({"_id": "cancelled"}) is not None
+    assert await app.db.notes.find_one({"_id": "never"}) is None
 
 
 async def test_pile_up_is_coalesced_and_batch_0_is_not(app: App) -> None:
@@ -96,13 +104,13 @@ async def test_pile_up_is_coalesced_and_batch_0_is_not(app: App) -> None:
     async with connect(app.url, key) as batched, connect(app.url, key, query="?batch=0") as plain:
         await wait_for_clients(app, 2)
         for n in range(50):  # no await in between: the senders find 50 queued messages
-            app.dispatcher.dispatch("samples", "insert", {"id": n})
+            app.dispatcher.dispatch("notes", "insert", {"id": n})
         frame = json.loads(await batched.get_message())
         assert isinstance(frame, list)
         assert [m["data"]["id"] for m in frame] == list(range(50))
         ids = [(await receive_json(plain))["data"]["id"] for _ in range(50)]
         assert ids == list(range(50))
-        app.dispatcher.dispatch("samples", "insert", {"id": "lone"})
+        app.dispatcher.dispatch("notes", "insert", {"id": "lone"})
         assert (await receive_json(batched))["data"] == {"id": "lone"}  # a plain object
 
 
@@ -115,16 +123,21 @@ async def wait_for_clients(app: App, count: int) -> None:
 async def test_stalled_client_is_closed_and_others_get_everything(
     mongodb_url: str, db_name: str, tmp_path: Path
 ) -> None:
-    settings = test_settings(mongodb_url, db_name, tmp_path, send_queue_size=20)
-    payload = "x" * 50_000  # large messages fill the socket buffers quickly
+    # Small kernel buffers on both ends, so the stalled client's backlog reaches vtrio's
+    # outbox after a few hundred kB instead of after many MB.
+    settings = settings_for(
+        mongodb_url, db_name, tmp_path, send_queue_size=20, send_buffer_size=32_768
+    )
+    payload = "x" * 2_000
     total = 400
     async with open_app(settings) as app:
         key = await new_key(app)
         received: dict[int, list[int]] = {}
+        stalled = await RawClient.connect(app.url, key, receive_buffer=4096)
         async with trio.open_nursery() as nursery:
 
             async def reader(n: int, ready: trio.Event) -> None:
-                async with connect(app.url, key, message_queue_size=100) as websocket:
+                async with connect(app.url, key) as websocket:
                     ready.set()
                     messages = await receive_messages(websocket, total, timeout=60)
                     received[n] = [m["data"]["n"] for m in messages]
@@ -133,14 +146,14 @@ async def test_stalled_client_is_closed_and_others_get_everything(
                 ready = trio.Event()
                 nursery.start_soon(reader, n, ready)
                 await ready.wait()
-            async with connect(app.url, key) as stalled:  # never reads until the end
-                await wait_for_clients(app, 100)
-                for n in range(total):
-                    app.dispatcher.dispatch("samples", "update", {"n": n, "payload": payload})
-                    await trio.sleep(0)
-                # Every write went out while the stalled client read nothing at all: the writer
-                # never waited for it. Now it reads, and finds the close code after its backlog.
-                assert await closed_with(stalled, timeout=60) == CloseCode.TOO_SLOW
+            await wait_for_clients(app, 100)
+            for n in range(total):
+                app.dispatcher.dispatch("notes", "update", {"n": n, "payload": payload})
+                await trio.lowlevel.checkpoint()
+            # Every write went out while the stalled client read nothing at all: the writer
+            # never waited for it. Now it reads, and finds the close code after its backlog.
+            assert await stalled.close_code() == CloseCode.TOO_SLOW
+        stalled.close()
         assert len(received) == 99
         assert all(ids == list(range(total)) for ids in received.values())
 
@@ -149,7 +162,7 @@ async def test_no_key_wrong_key_and_revoked_key_are_closed_with_4000(app: App) -
     key = await new_key(app)
     for bad in (None, "vt_wrong", "not even the format"):
         async with connect(app.url, bad) as websocket:
-            app.dispatcher.dispatch("samples", "insert", {"id": "secret"})
+            app.dispatcher.dispatch("notes", "insert", {"id": "secret"})
             assert await closed_with(websocket) == CloseCode.UNAUTHENTICATED
     async with connect(app.url, None, query=f"?token={key}") as websocket:
         await wait_for_clients(app, 1)  # a browser's token parameter works too
@@ -172,7 +185,7 @@ async def test_other_paths_get_404(app: App) -> None:
 async def test_beyond_max_connections_handshakes_get_503(
     mongodb_url: str, db_name: str, tmp_path: Path
 ) -> None:
-    settings = test_settings(mongodb_url, db_name, tmp_path, max_connections=2)
+    settings = settings_for(mongodb_url, db_name, tmp_path, max_connections=2)
     async with open_app(settings) as app:
         key = await new_key(app)
         async with connect(app.url, key), connect(app.url, key):
@@ -186,51 +199,60 @@ async def test_beyond_max_connections_handshakes_get_503(
 async def test_broken_clients_do_not_disturb_the_others(app: App) -> None:
     key = await new_key(app)
     async with connect(app.url, key, query="?batch=0") as healthy:
-        await wait_for_clients(app, 1)
-        # A client that vanishes mid-stream: its TCP connection is reset.
-        vanishing = await raw_client(app.url, key)
+        vanishing = await RawClient.connect(app.url, key)
         await wait_for_clients(app, 2)
-        vanishing.setsockopt(
-            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-        )
-        vanishing.close()
-        # A client that sends a garbage frame, and one that sends an oversized frame.
-        garbage = await raw_client(app.url, key)
-        await garbage.send(b"\xff\xff\xff\xff not a websocket frame")
+        app.dispatcher.dispatch("notes", "insert", {"id": "before"})
+        vanishing.reset()  # killed mid-stream
+        garbage = await RawClient.connect(app.url, key)
+        await garbage.sock.send(b"\xff\xff\xff\xff not a websocket frame")
+        # 1002 when the close frame arrives; when vtrio closes a socket with garbage still
+        # unread in it, the kernel sends an RST that can discard the frame before it is read.
+        assert await garbage.close_code() in (1002, 1006)
         async with connect(app.url, key) as oversized:
             await oversized.send_message("x" * (app.settings.max_message_size + 1))
             assert await closed_with(oversized) == 1009
         for n in range(3):
-            await app.db.samples.insert_one({"_id": f"after-{n}"})
-        ids = [(await receive_json(healthy))["data"]["id"] for _ in range(3)]
-        assert ids == ["after-0", "after-1", "after-2"]
+            await app.db.notes.insert_one({"_id": f"after-{n}"})
+        ids = [(await receive_json(healthy))["data"]["id"] for _ in range(4)]
+        assert ids == ["before", "after-0", "after-1", "after-2"]
         garbage.close()
 
 
-async def raw_client(url: str, key: str) -> trio.socket.SocketType:
-    """A bare TCP client that completes the websocket handshake and then does as it likes."""
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    sock = trio.socket.socket()
-    await sock.connect(("127.0.0.1", port))
-    await sock.send(
-        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"
-    )
-    response = b""
-    with trio.fail_after(10):
-        while b"\r\n\r\n" not in response:
-            response += await sock.recv(4096)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return sock
+async def test_an_exception_in_one_handler_closes_only_that_connection() -> None:
+    dispatcher = Dispatcher()
+
+    async def anyone(key: str | None) -> Identity:
+        return Identity("u", "u", admin=False, groups=frozenset(), key_id="k")
+
+    async def on_message(client: Client, message: str | bytes, nursery: trio.Nursery) -> None:
+        if message == "boom":
+            raise RuntimeError("a bug in handling one message")
+
+    async with (
+        dispatcher.running(grace_period=5) as connections,
+        serve_ws(
+            host="127.0.0.1",
+            port=0,
+            dispatcher=dispatcher,
+            connections=connections,
+            authenticate=anyone,
+            on_message=on_message,
+        ) as url,
+        connect(url, "k", query="?batch=0") as healthy,
+        connect(url, "k") as doomed,
+    ):
+        await doomed.send_message("boom")
+        assert await closed_with(doomed) == CloseCode.INTERNAL_ERROR
+        dispatcher.dispatch("notes", "insert", {"id": "still served"})
+        assert (await receive_json(healthy))["data"]["id"] == "still served"
 
 
 async def test_silent_peer_is_closed_by_the_heartbeat(
     mongodb_url: str, db_name: str, tmp_path: Path
 ) -> None:
-    settings = test_settings(mongodb_url, db_name, tmp_path, heartbeat_interval=0.2)
+    settings = settings_for(mongodb_url, db_name, tmp_path, heartbeat_interval=0.2)
     async with open_app(settings) as app:
-        silent = await raw_client(app.url, await new_key(app))  # never answers a ping
+        silent = await RawClient.connect(app.url, await new_key(app))  # never answers a ping
         await wait_for_clients(app, 1)
         with trio.fail_after(5):
             while app.dispatcher.clients:
@@ -241,7 +263,7 @@ async def test_silent_peer_is_closed_by_the_heartbeat(
 async def test_shutdown_closes_200_clients_with_1001(
     mongodb_url: str, db_name: str, tmp_path: Path
 ) -> None:
-    settings = test_settings(mongodb_url, db_name, tmp_path)
+    settings = settings_for(mongodb_url, db_name, tmp_path)
     codes: list[int] = []
     async with trio.open_nursery() as clients:
         async with open_app(settings) as app:

@@ -54,6 +54,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"{value} must be 0 or more")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
@@ -151,6 +158,11 @@ class Settings:
     )
     send_queue_size: int = setting(
         1000, "messages queued for one client before it is closed as too slow", _positive_int
+    )
+    send_buffer_size: int = setting(
+        0,
+        "kernel send buffer per connection, bytes (0: the kernel's own sizing)",
+        _non_negative_int,
     )
     heartbeat_interval: float = setting(
         20.0, "seconds between pings to each client; a missed pong closes it", _positive_float

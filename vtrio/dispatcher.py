@@ -248,7 +248,9 @@ class Dispatcher:
                 nursery.start_soon(_heartbeat, client, heartbeat_interval)
                 nursery.start_soon(_receive_until_closed, client, on_message, nursery)
                 await client.wait_closing()
-                with trio.move_on_after(self._close_timeout):
+                # A peer that missed its pongs is gone: no close handshake to wait for.
+                dead = client.close_code == CloseCode.HEARTBEAT_TIMEOUT
+                with trio.move_on_after(0 if dead else self._close_timeout):
                     await client.websocket.aclose(client.close_code or 1000, client.close_reason)
                 nursery.cancel_scope.cancel()
         finally:

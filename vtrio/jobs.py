@@ -151,6 +151,7 @@ class JobRunner:
                     "progress": 0,
                 }
             },
+            sort=[("created_at", 1)],
         )
 
     async def _run(self, job: Job) -> None:

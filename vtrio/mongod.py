@@ -113,10 +113,10 @@ async def run_mongod(
         stderr=subprocess.DEVNULL,
     )
     try:
+        await _wait_until_primary(process, port, db_path)
+        state_file = db_path / _STATE_FILE
+        state_file.write_text(json.dumps({"pid": process.pid, "port": port}))
         async with trio.open_nursery() as nursery:
-            await _wait_until_primary(process, port, db_path)
-            state_file = db_path / _STATE_FILE
-            state_file.write_text(json.dumps({"pid": process.pid, "port": port}))
             nursery.start_soon(_fail_if_exits, process, db_path)
             try:
                 yield mongod_url(port)
@@ -201,20 +201,35 @@ async def _wait_until_primary(process: trio.Process, port: int, db_path: Path) -
 
 
 def _primary_or_initiate(client: pymongo.MongoClient, port: int) -> bool:
-    """One probe: True once primary. Initiates the replica set the first time it is seen."""
+    """One probe: True once primary. Initiates the replica set the first time it is seen, and
+    moves it to this port when an earlier start used another one."""
     try:
         hello = client.admin.command("hello")
         if hello.get("isWritablePrimary"):
             return True
         if "setName" not in hello:
-            config = {"_id": REPLICA_SET, "members": [{"_id": 0, "host": f"127.0.0.1:{port}"}]}
-            client.admin.command("replSetInitiate", config)
+            _initiate_or_move(client, port)
     except OperationFailure as exc:
         if exc.code != _ALREADY_INITIALIZED:
             raise
     except PyMongoError:
         pass  # not listening yet
     return False
+
+
+def _initiate_or_move(client: pymongo.MongoClient, port: int) -> None:
+    host = f"127.0.0.1:{port}"
+    config = client.local.system.replset.find_one()
+    if config is None:
+        members = [{"_id": 0, "host": host}]
+        client.admin.command("replSetInitiate", {"_id": REPLICA_SET, "members": members})
+    elif config["members"][0]["host"] != host:
+        # The set remembers the address of its one member; on a new port the node finds
+        # itself REMOVED and never becomes primary until the set is told where it now is.
+        log.info("embedded MongoDB moves from %s to %s", config["members"][0]["host"], host)
+        config["members"][0]["host"] = host
+        config["version"] += 1
+        client.admin.command("replSetReconfig", config, force=True)
 
 
 async def _fail_if_exits(process: trio.Process, db_path: Path) -> None:

@@ -158,6 +158,7 @@ def websocket_service(
             max_message_size=settings.max_message_size,
             send_queue_size=settings.send_queue_size,
             heartbeat_interval=settings.heartbeat_interval,
+            send_buffer_size=settings.send_buffer_size,
         ),
     )
 

@@ -82,8 +82,9 @@ async def service(name: str, resource: AbstractAsyncContextManager[T]) -> AsyncI
             if await resource.__aexit__(type(exc), exc, exc.__traceback__):
                 return
         except BaseException as stop_exc:
-            if stop_exc is not exc:
-                _reraise(name, "failed", stop_exc)
+            if stop_exc is not exc and _only_cancelled_besides(exc, stop_exc):
+                raise exc from None  # the body's own exception, out of the service's nursery
+            _reraise(name, "failed", stop_exc)
             raise
         finally:
             _log_stop(name, stopping)
@@ -96,6 +97,10 @@ async def service(name: str, resource: AbstractAsyncContextManager[T]) -> AsyncI
         raise
     finally:
         _log_stop(name, stopping)
+
+
+def _only_cancelled_besides(exc: BaseException, group: BaseException) -> bool:
+    return all(leaf is exc or isinstance(leaf, trio.Cancelled) for leaf in leaves(group))
 
 
 def _reraise(name: str, phase: str, exc: BaseException) -> None:

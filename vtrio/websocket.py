@@ -17,11 +17,11 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
+from socket import SO_SNDBUF, SOL_SOCKET
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from vtrio.dispatcher import Client, CloseCode, Dispatcher
 
@@ -43,6 +43,7 @@ class WebsocketLimits:
     max_message_size: int = 1 << 20
     send_queue_size: int = 1000
     heartbeat_interval: float = 20.0
+    send_buffer_size: int = 0
     handshake_timeout: float = 10.0
 
 
@@ -63,21 +64,22 @@ async def serve_ws(
     leaving it, or cancelling it, only closes the listening socket.
     """
     endpoint = _Endpoint(dispatcher, authenticate, on_message, limits)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    for listener in listeners:
+        if limits.send_buffer_size:
+            # Accepted sockets inherit it: kernel memory per connection stays bounded too.
+            listener.socket.setsockopt(SOL_SOCKET, SO_SNDBUF, limits.send_buffer_size)
+    server = WebSocketServer(
+        endpoint.handle,
+        listeners,
+        handler_nursery=connections,
+        max_message_size=limits.max_message_size,
+        connect_timeout=limits.handshake_timeout,
+        # The dispatcher closes connections itself, bounded by the grace period.
+        disconnect_timeout=math.inf,
+    )
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                serve_websocket,
-                endpoint.handle,
-                host,
-                port,
-                None,
-                handler_nursery=connections,
-                max_message_size=limits.max_message_size,
-                connect_timeout=limits.handshake_timeout,
-                # The dispatcher closes connections itself, bounded by the grace period.
-                disconnect_timeout=math.inf,
-            )
-        )
+        await nursery.start(server.run)
         try:
             yield f"ws://{host}:{server.port}{PATH}"
         finally:
@@ -103,41 +105,40 @@ class _Endpoint:
         exception escaping a handler would crash the whole server, not just this connection."""
         websocket: WebSocketConnection | None = None
         try:
-            websocket = await self._open(request)
-            if websocket is not None:
-                await self._serve(websocket, request)
+            target = urlsplit(request.path)
+            if target.path != PATH:
+                await request.reject(404, body=b"no such endpoint: connect to /ws\n")
+                return
+            if len(self._dispatcher.clients) + self._handshakes >= self._limits.max_connections:
+                await request.reject(503, body=b"too many connections: try again later\n")
+                return
+            query = parse_qs(target.query)
+            self._handshakes += 1
+            try:
+                identity = await self._authenticate(_presented_key(request, query))
+                websocket = await request.accept()
+            finally:
+                self._handshakes -= 1
+            if identity is None:
+                await websocket.aclose(CloseCode.UNAUTHENTICATED, "a valid API key is required")
+                return
+            await self._serve(
+                Client(
+                    websocket,
+                    identity,
+                    batch=query.get("batch") != ["0"],
+                    queue_size=self._limits.send_queue_size,
+                )
+            )
         except Exception:
             log.exception("connection from %s failed", request.remote)
             if websocket is not None:
                 with trio.move_on_after(1):
                     await websocket.aclose(CloseCode.INTERNAL_ERROR, "internal error")
 
-    async def _open(self, request: WebSocketRequest) -> WebSocketConnection | None:
-        if urlsplit(request.path).path != PATH:
-            await request.reject(404, body=b"no such endpoint: connect to /ws\n")
-            return None
-        in_use = len(self._dispatcher.clients) + self._handshakes
-        if in_use >= self._limits.max_connections:
-            await request.reject(503, body=b"too many connections: try again later\n")
-            return None
-        return await request.accept()
-
-    async def _serve(self, websocket: WebSocketConnection, request: WebSocketRequest) -> None:
-        query = parse_qs(urlsplit(request.path).query)
-        self._handshakes += 1
-        try:
-            identity = await self._authenticate(_presented_key(request, query))
-        finally:
-            self._handshakes -= 1
-        if identity is None:
-            await websocket.aclose(CloseCode.UNAUTHENTICATED, "a valid API key is required")
-            return
-        client = Client(
-            websocket,
-            identity,
-            batch=query.get("batch", ["1"])[-1] != "0",
-            queue_size=self._limits.send_queue_size,
-        )
+    async def _serve(self, client: Client) -> None:
+        # No checkpoint between the handshake's end and the client's registration: a write
+        # acknowledged after the client saw its connection open reaches it.
         await self._dispatcher.serve(
             client, self._on_message, heartbeat_interval=self._limits.heartbeat_interval
         )
