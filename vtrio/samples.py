@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import Field, StringConstraints
 
 from vtrio import access
-from vtrio.db.collections import COLLECTIONS
+from vtrio.db.collections import SAMPLE_FIELDS
 from vtrio.db.documents import message_data
 from vtrio.db.errors import DuplicateKey
 from vtrio.rpc import INVALID_PARAMS, Conflict, Forbidden, Methods, NotFound, Params, RpcError
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from vtrio.api import Call
     from vtrio.db import Database
 
-FIELDS = COLLECTIONS["samples"].projection or ()
-"""What a sample document holds, and what its change messages carry."""
 
 LIST_LIMIT = 100
 
@@ -111,7 +109,7 @@ async def list_samples(call: Call, params: ListParams) -> dict[str, Any]:
     query: dict[str, Any] = access.readable_filter(call.identity)
     if params.prefix:
         query = {"$and": [query, {"name": {"$regex": "^" + re.escape(params.prefix)}}]}
-    listing = {field: True for field in FIELDS if field not in ("_id", "quality")}
+    listing = {field: True for field in SAMPLE_FIELDS if field != "quality"}
     found = await call.app.db.samples.find(
         query, listing, sort=[("name", 1)], skip=params.skip, limit=params.limit
     )

@@ -11,21 +11,20 @@ from collections.abc import Mapping
 
 from vtrio.db.spec import CollectionSpec
 
+# Everything a client shows of a sample, and the fields vtrio.access decides visibility by.
+SAMPLE_FIELDS = (
+    "name", "host", "isolate", "reads", "user", "group", "created_at",
+    "group_read", "group_write", "all_read", "all_write", "quality",
+)  # fmt: skip
+# Jobs carry their sample's access fields (under "access") so the same rule applies to them.
+JOB_FIELDS = (
+    "task", "sample_id", "user", "access", "state", "progress", "error",
+    "created_at", "started_at", "finished_at",
+)  # fmt: skip
+
 COLLECTIONS: Mapping[str, CollectionSpec] = {
     "users": CollectionSpec(silent=True),
     "keys": CollectionSpec(silent=True),
-    # Everything a client shows, and the fields vtrio.access decides visibility by.
-    "samples": CollectionSpec(
-        projection=(
-            "name", "host", "isolate", "reads", "user", "group", "created_at",
-            "group_read", "group_write", "all_read", "all_write", "quality",
-        )
-    ),  # fmt: skip
-    # Jobs carry their sample's access fields (under "access") so the same rule applies.
-    "jobs": CollectionSpec(
-        projection=(
-            "task", "sample_id", "user", "access", "state", "progress", "error",
-            "created_at", "started_at", "finished_at",
-        )
-    ),  # fmt: skip
+    "samples": CollectionSpec(projection=SAMPLE_FIELDS),
+    "jobs": CollectionSpec(projection=JOB_FIELDS),
 }
