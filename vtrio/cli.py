@@ -7,7 +7,9 @@ Exit codes: 0 done; 1 a service or command failed (one line on stderr says which
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -15,7 +17,8 @@ from typing import Any
 
 import trio
 
-from vtrio import __version__, auth
+from vtrio import __version__, auth, client
+from vtrio.client import DEFAULT_URL, ClientError
 from vtrio.config import ConfigError, Settings, add_settings_arguments, load_settings
 from vtrio.db import Database, open_database
 from vtrio.encoding import dumps
@@ -31,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     arguments = vars(parser.parse_args(argv))
     command: Callable[[Settings, dict[str, Any]], Any] = arguments.pop("command", run_server)
+    if command in (run_call, run_watch):  # clients of a server: no server settings to load
+        return _run_client(command, arguments)
     try:
         settings = load_settings({k: v for k, v in arguments.items() if isinstance(v, str)})
     except ConfigError as exc:
@@ -94,7 +99,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke_key.add_argument("id")
     revoke_key.set_defaults(command=keys_revoke)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--url",
+        default=os.environ.get("VTRIO_URL", DEFAULT_URL),
+        help=f"the server's websocket URL [VTRIO_URL; default: {DEFAULT_URL}]",
+    )
+    client.add_argument("--key", default=os.environ.get("VTRIO_KEY"), help="API key [VTRIO_KEY]")
+    call_parser = commands.add_parser(
+        "call", parents=[client], help="call a method; print its result as JSON"
+    )
+    call_parser.add_argument("method", help="e.g. samples.list")
+    call_parser.add_argument(
+        "params", nargs="?", default="{}", help='JSON object of parameters, e.g. \'{"id": "..."}\''
+    )
+    call_parser.set_defaults(command=run_call)
+    watch_parser = commands.add_parser(
+        "watch", parents=[client], help="print change messages as JSON lines until Ctrl-C"
+    )
+    watch_parser.add_argument(
+        "--interface", default="", help="only these interfaces, comma-separated (e.g. samples,jobs)"
+    )
+    watch_parser.set_defaults(command=run_watch)
     return parser  # fmt: skip
+
+
+def _run_client(command: Callable[..., Any], arguments: dict[str, Any]) -> int:
+    try:
+        trio.run(command, arguments)
+    except ClientError as exc:
+        print(f"vtrio: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def run_call(arguments: dict[str, Any]) -> None:
+    try:
+        params = json.loads(arguments["params"])
+    except ValueError as exc:
+        raise ClientError(f"PARAMS is not JSON: {exc}") from None
+    await client.call(arguments["url"], arguments["key"], arguments["method"], params)
+
+
+async def run_watch(arguments: dict[str, Any]) -> None:
+    interfaces = [name for name in arguments["interface"].split(",") if name]
+    await client.watch(arguments["url"], arguments["key"], interfaces)
 
 
 def _configure_logging(settings: Settings) -> None:
