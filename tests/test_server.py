@@ -162,3 +162,13 @@ def test_help_documents_every_setting() -> None:
     for f in dataclasses.fields(Settings):
         assert flag_of(f.name) in result.stdout
         assert env_of(f.name) in result.stdout
+
+
+def test_readme_documents_every_setting() -> None:
+    import dataclasses
+
+    from vtrio.config import Settings, env_of, flag_of
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f"`{flag_of(f.name)}` | `{env_of(f.name)}`" in readme, f.name
