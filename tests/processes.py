@@ -7,8 +7,8 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import trio
@@ -57,6 +57,15 @@ class VtrioProcess:
     async def wait_ready(self, timeout: float = 60) -> str:
         self.url = (await self.wait_for_line(READY, timeout)).group(1)
         return self.url
+
+    @contextmanager
+    def explained(self) -> Iterator[None]:
+        """Add the server's output to any failure inside the block."""
+        try:
+            yield
+        except BaseException as exc:
+            exc.add_note(f"vtrio's output:\n{self.output}")
+            raise
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -64,7 +64,8 @@ class Identity(Protocol):
 
 
 Rule = Callable[[Any, Any], bool]
-"""``rule(identity, data)``: may this connection's user receive this message's data?"""
+"""``rule(identity, data)``: may this connection's user receive this message's data?
+An interface without a rule goes to every connection."""
 
 KeyCheck = Callable[[set[str]], Awaitable[set[str]]]
 """``await check(key_ids)``: which of these API keys are still valid."""
@@ -74,10 +75,6 @@ class _Reply(str):
     """An outbox entry that goes out as a frame of its own (a JSON-RPC response)."""
 
     __slots__ = ()
-
-
-def allow_everyone(identity: Any, data: Any) -> bool:
-    return True
 
 
 class Client:
@@ -179,9 +176,9 @@ class Dispatcher:
         ``data`` is of the wrong kind or cannot be sent as JSON; nothing is sent then.
         """
         message = self.encode(interface, operation, data)
-        rule = self._rules.get(interface, allow_everyone)
+        rule = self._rules.get(interface)
         for client in self._clients:
-            if rule(client.identity, data):
+            if rule is None or rule(client.identity, data):
                 client.offer(message)
 
     @staticmethod
