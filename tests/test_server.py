@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pymongo
 import pytest
-import trio
 
 from tests.processes import kill, mongods_using, run_vtrio, vtrio_process
 
@@ -154,8 +153,9 @@ def test_flag_wins_over_environment(tmp_path: Path) -> None:
 
 
 def test_help_documents_every_setting() -> None:
-    from vtrio.config import Settings, env_of, flag_of
     import dataclasses
+
+    from vtrio.config import Settings, env_of, flag_of
 
     result = run_vtrio(["--help"])
     assert result.returncode == 0
