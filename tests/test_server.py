@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pymongo
 import pytest
+import trio
 
+from tests.live import connect
 from tests.processes import kill, mongods_using, run_vtrio, vtrio_process
 
 GRACE = 5.0
@@ -172,3 +174,32 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for f in dataclasses.fields(Settings):
         assert f"`{flag_of(f.name)}` | `{env_of(f.name)}`" in readme, f.name
+
+
+async def test_admin_commands_work_with_and_without_the_embedded_server(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    # No server running: the command starts the embedded mongod for itself, and stops it.
+    created = await trio.to_thread.run_sync(run_vtrio, ["users", "create", "alice", *data])
+    assert created.returncode == 0, created.stderr
+    assert mongods_using(tmp_path) == []
+
+    async with vtrio_process(server_args(tmp_path)) as server:
+        url = await server.wait_ready()
+        # The server is running: the commands use its mongod.
+        made = await trio.to_thread.run_sync(run_vtrio, ["keys", "create", "alice", *data])
+        assert made.returncode == 0, made.stderr
+        key = made.stdout.strip()
+        assert made.stdout == key + "\n" and key.startswith("vt_")  # the key alone
+        assert len(mongods_using(tmp_path)) == 1
+        async with connect(url, key):
+            pass  # the new key opens a connection to the running server
+        server.signal(signal.SIGTERM)
+        assert await server.wait(GRACE + 2) == 0
+
+    listed = await trio.to_thread.run_sync(run_vtrio, ["keys", "list", "alice", *data])
+    assert listed.returncode == 0, listed.stderr
+    assert key not in listed.stdout and len(listed.stdout.splitlines()) == 1
+    duplicate = await trio.to_thread.run_sync(run_vtrio, ["users", "create", "alice", *data])
+    assert duplicate.returncode == 1
+    assert duplicate.stderr.strip() == "vtrio: a user named 'alice' exists already"
+    assert mongods_using(tmp_path) == []

@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vtrio: error: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings)
+    # Admin commands print their own result; their progress is not worth a line each.
+    _configure_logging(settings, quiet=command is not run_server)
     try:
         trio.run(command, settings, arguments)
     except ServiceError as exc:
@@ -149,9 +150,12 @@ async def run_watch(arguments: dict[str, Any]) -> None:
     await client.watch(arguments["url"], arguments["key"], interfaces)
 
 
-def _configure_logging(settings: Settings) -> None:
+def _configure_logging(settings: Settings, *, quiet: bool = False) -> None:
+    level = settings.log_level_number
+    if quiet and level == logging.INFO:  # the default, not a level the user asked for
+        level = logging.WARNING
     logging.basicConfig(
-        level=settings.log_level_number,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
