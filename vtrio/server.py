@@ -35,6 +35,7 @@ from vtrio.config import Settings
 from vtrio.db import Database, open_database
 from vtrio.dispatcher import Dispatcher
 from vtrio.executors import Executors, open_executors
+from vtrio.github import GitHubClient
 from vtrio.http import HttpClient, open_http_client
 from vtrio.jobs import JobRunner, runner_name
 from vtrio.mongod import run_mongod
@@ -53,6 +54,7 @@ class App:
     settings: Settings
     http: HttpClient
     ncbi: NCBIClient
+    github: GitHubClient
     executors: Executors
     db: Database
     uploads: Uploads
@@ -84,7 +86,17 @@ async def open_app(settings: Settings) -> AsyncIterator[App]:
         runner = JobRunner(
             db, executors, uploads, name=runner_name(settings.data_dir), concurrency=settings.jobs
         )
-        app = App(settings, http, ncbi(settings, http), executors, db, uploads, runner, dispatcher)
+        app = App(
+            settings,
+            http,
+            NCBIClient(http, base_url=settings.ncbi_base_url, api_key=settings.ncbi_api_key),
+            GitHubClient(http, base_url=settings.github_base_url, token=settings.github_token),
+            executors,
+            db,
+            uploads,
+            runner,
+            dispatcher,
+        )
         async with (
             service("jobs", runner.running()),
             service("dispatcher", connections_service(settings, dispatcher, db)) as nursery,
@@ -103,10 +115,6 @@ def http_service(settings: Settings) -> AbstractAsyncContextManager[HttpClient]:
         total_timeout=settings.http_total_timeout,
         max_connections=settings.http_max_connections,
     )
-
-
-def ncbi(settings: Settings, http: HttpClient) -> NCBIClient:
-    return NCBIClient(http, base_url=settings.ncbi_base_url, api_key=settings.ncbi_api_key)
 
 
 def executor_service(settings: Settings) -> AbstractAsyncContextManager[Executors]:
