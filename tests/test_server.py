@@ -203,3 +203,18 @@ async def test_admin_commands_work_with_and_without_the_embedded_server(tmp_path
     assert duplicate.returncode == 1
     assert duplicate.stderr.strip() == "vtrio: a user named 'alice' exists already"
     assert mongods_using(tmp_path) == []
+
+
+async def test_a_service_dying_while_running_stops_the_server_naming_it(tmp_path: Path) -> None:
+    # Writes in flight when MongoDB vanished wait out their operation timeout: keep it short.
+    async with vtrio_process(server_args(tmp_path, "--mongodb-timeout", "2")) as server:
+        await server.wait_ready()
+        [mongod] = mongods_using(tmp_path)
+        kill(mongod)
+        with server.explained():
+            assert await server.wait(20) == 1
+    assert server.lines[-1].startswith("vtrio: mongodb failed: mongod exited with code -9"), (
+        server.output
+    )
+    assert "websocket: stopped" in server.output  # the rest of the tree was torn down in order
+    assert "Traceback" not in server.output

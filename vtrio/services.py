@@ -50,14 +50,6 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _service_error_in(exc: BaseException) -> ServiceError | None:
-    return next((leaf for leaf in leaves(exc) if isinstance(leaf, ServiceError)), None)
-
-
-def _failure(exc: BaseException) -> bool:
-    return any(not isinstance(leaf, trio.Cancelled) for leaf in leaves(exc))
-
-
 @asynccontextmanager
 async def service(name: str, resource: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
     """Enter ``resource`` as the service ``name``; log its start and stop with their durations.
@@ -104,13 +96,21 @@ def _only_cancelled_besides(exc: BaseException, group: BaseException) -> bool:
 
 
 def _reraise(name: str, phase: str, exc: BaseException) -> None:
-    """Raise ``exc`` as a ServiceError of ``name``, unless it is cancellation or already named."""
-    inner = _service_error_in(exc)
-    if inner is not None:
-        inner.__suppress_context__ = True  # the groups it travelled through add nothing
-        raise inner
-    if _failure(exc) and not isinstance(exc, KeyboardInterrupt):
-        raise ServiceError(name, phase, exc) from exc
+    """Raise ``exc`` as a ServiceError of ``name``, unless it is cancellation or already named.
+
+    When this service failed itself and services inside it failed too, this service's failure
+    came first: theirs happened while the tree was being torn down because of it.
+    """
+    found = leaves(exc)
+    own = [leaf for leaf in found if not isinstance(leaf, trio.Cancelled | ServiceError)]
+    nested = [leaf for leaf in found if isinstance(leaf, ServiceError)]
+    if own and not any(isinstance(leaf, KeyboardInterrupt) for leaf in own):
+        for later in nested:
+            log.warning("while stopping after %s failed: %s", name, later)
+        raise ServiceError(name, phase, BaseExceptionGroup("", own) if len(own) > 1 else own[0])
+    if nested:
+        nested[0].__suppress_context__ = True  # the groups it travelled through add nothing
+        raise nested[0]
 
 
 def _log_stop(name: str, since: float) -> None:
