@@ -38,9 +38,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
+        self.subjects: list[Any] = []
 
-    def __call__(self, interface: str, operation: str, data: Any) -> None:
+    def __call__(self, interface: str, operation: str, data: Any, subject: Any) -> None:
         self.messages.append((interface, operation, data))
+        self.subjects.append(subject)
 
 
 class Commands(monitoring.CommandListener):
@@ -202,7 +204,7 @@ async def test_an_undeclared_collection_dispatches_whole_documents(
 async def test_a_failing_dispatcher_does_not_fail_the_write(
     mongodb_url: str, db_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(interface: str, operation: str, data: Any) -> None:
+    def broken(interface: str, operation: str, data: Any, subject: Any) -> None:
         raise RuntimeError("dispatcher bug")
 
     async with open_database(mongodb_url, db_name, dispatch=broken) as db:
@@ -527,3 +529,19 @@ async def test_the_pool_size_and_timeout_reach_pymongo(mongodb_url: str, db_name
         assert isinstance(db.client, pymongo.MongoClient)
         assert db.client.options.pool_options.max_pool_size == 7
         assert db.client.options.timeout == 10.0
+
+
+async def test_deletes_send_ids_and_give_rules_the_removed_documents(
+    db: Database, recorder: Recorder
+) -> None:
+    await db.things.insert_many([{"_id": n, "owner": f"u{n}", "secret": "x"} for n in range(3)])
+    assert await db.things.delete_one({"_id": 0}) == 0
+    assert sorted(await db.things.delete_many({"_id": {"$gt": 0}})) == [1, 2]
+    deletes = [m for m in recorder.messages if m[1] == "delete"]
+    assert [sorted(m[2]) for m in deletes] == [[0], [1, 2]]
+    subjects = recorder.subjects[-2:]
+    assert subjects[0] == [{"id": 0, "owner": "u0", "secret": "x"}]
+    assert sorted(subjects[1], key=lambda d: d["id"]) == [
+        {"id": 1, "owner": "u1", "secret": "x"},
+        {"id": 2, "owner": "u2", "secret": "x"},
+    ]

@@ -471,3 +471,13 @@ async def test_cancellation_is_prompt_and_closes_the_file(tmp_path: Path, compre
     assert calls == ["started", "started", "cancelled"]
     assert latency < 1.0, latency  # the worker was killed, not waited for
     assert open_fds_to(path) == 0
+
+
+async def test_a_last_read_of_length_zero_is_not_taken_for_a_truncated_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "zero.fq"
+    path.write_bytes(b"@a\nAC\n+\nII\n@empty\n\n+\n\n\n\n")
+    quality = await read_statistics(path, run_in_process=run_in_process, chunk_size=4)
+    assert quality["count"] == 2
+    assert quality["length"] == [0, 2]

@@ -50,6 +50,7 @@ class GenBankParams(Params):
 
 @methods.method("system.info", NoParams)
 async def system_info(call: Call, params: NoParams) -> dict[str, Any]:
+    """The server's version and uptime (seconds), its open connections, its jobs by state."""
     return {
         "version": __version__,
         "uptime": round(time.monotonic() - call.app.started_at, 3),
@@ -60,11 +61,17 @@ async def system_info(call: Call, params: NoParams) -> dict[str, Any]:
 
 @methods.method("uploads.list", NoParams)
 async def uploads_list(call: Call, params: NoParams) -> list[dict[str, Any]]:
+    """The files in ``uploads/`` that samples may name: ``name``, ``size``, ``modified_at``."""
     return await call.app.uploads.list()
 
 
 @methods.method("genbank.get", GenBankParams)
 async def genbank_get(call: Call, params: GenBankParams) -> dict[str, Any]:
+    """The GenBank record of ``accession`` from NCBI, through the shared HTTP client.
+
+    404 if NCBI has no such record, 502 if NCBI failed; cancellation abandons the request
+    (the shared client stays usable).
+    """
     try:
         record = await call.app.ncbi.fetch_genbank(params.accession)
     except AccessionNotFound as exc:
@@ -73,7 +80,7 @@ async def genbank_get(call: Call, params: GenBankParams) -> dict[str, Any]:
         raise RpcError(f"invalid params: accession: {exc}", code=INVALID_PARAMS) from None
     except NCBIError as exc:
         raise UpstreamFailed(str(exc)) from None
-    return asdict(record)
+    return {**asdict(record), "accession_version": record.accession_version}
 
 
 methods.update(samples.methods)

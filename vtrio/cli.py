@@ -20,7 +20,7 @@ import trio
 from vtrio import __version__, auth, client
 from vtrio.client import DEFAULT_URL, ClientError
 from vtrio.config import ConfigError, Settings, add_settings_arguments, load_settings
-from vtrio.db import Database, open_database
+from vtrio.db import Database, DatabaseError, open_database
 from vtrio.encoding import dumps
 from vtrio.mongod import MongodError, run_mongod, running_mongod
 from vtrio.server import serve
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServiceError as exc:
         print(f"vtrio: {exc}", file=sys.stderr)
         return 1
-    except (auth.AuthError, MongodError) as exc:
+    except (auth.AuthError, MongodError, DatabaseError) as exc:
         print(f"vtrio: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -192,7 +192,7 @@ async def admin_database(settings: Settings) -> AsyncIterator[Database]:
         yield db
 
 
-def _nowhere(interface: str, operation: str, data: Any) -> None:
+def _nowhere(interface: str, operation: str, data: Any, subject: Any) -> None:
     """Admin commands touch only silent collections: there is no one to dispatch to."""
 
 

@@ -64,7 +64,7 @@ class Identity(Protocol):
 
 
 Rule = Callable[[Any, Any], bool]
-"""``rule(identity, data)``: may this connection's user receive this message's data?
+"""``rule(identity, subject)``: may this connection's user receive a message about ``subject``?
 An interface without a rule goes to every connection."""
 
 KeyCheck = Callable[[set[str]], Awaitable[set[str]]]
@@ -169,16 +169,20 @@ class Dispatcher:
     def clients(self) -> frozenset[Client]:
         return frozenset(self._clients)
 
-    def dispatch(self, interface: str, operation: str, data: Any) -> None:
-        """Send a change message to every connection that may see ``data``. Never waits.
+    def dispatch(self, interface: str, operation: str, data: Any, subject: Any = None) -> None:
+        """Send a change message to every connection that may see it. Never waits.
+
+        The interface's rule judges ``subject`` (what the message is about: for a delete, the
+        removed documents its list of ids stands for), or ``data`` when no subject is given.
 
         Raises ValueError for an unknown operation or an empty interface, and TypeError if
         ``data`` is of the wrong kind or cannot be sent as JSON; nothing is sent then.
         """
         message = self.encode(interface, operation, data)
         rule = self._rules.get(interface)
+        about = data if subject is None else subject
         for client in self._clients:
-            if rule is None or rule(client.identity, data):
+            if rule is None or rule(client.identity, about):
                 client.offer(message)
 
     @staticmethod

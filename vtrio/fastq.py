@@ -187,8 +187,7 @@ def chunk_stats(
     """
     buf = head + data if head else data
     if final:
-        buf = buf.rstrip(b"\r\n")
-        buf += b"\n" if buf else b""
+        buf = _end_with_one_newline(buf)
     lines = buf.split(b"\n")
     complete = (len(lines) - 1) // 4
     rest = lines[4 * complete :]
@@ -197,6 +196,22 @@ def chunk_stats(
     stats = _records_stats(lines, b"\r" in buf, first_record, offset)
     _check_incomplete(rest, final, first_record + complete, offset + consumed)
     return stats, consumed
+
+
+def _end_with_one_newline(buf: bytes) -> bytes:
+    """The end of the file with one final newline, however many (or few) blank lines it had.
+
+    A last read of length 0 ends in blank sequence and quality lines of its own: when the
+    stripped text ends in such a record's '+' line, its blank quality line is given back.
+    """
+    stripped = buf.rstrip(b"\r\n")
+    if not stripped:
+        return b""
+    tail = stripped.rsplit(b"\n", 2)
+    last_read_is_empty = len(tail) == 3 and not tail[1].strip(b"\r") and tail[2].startswith(b"+")
+    if last_read_is_empty and buf.count(b"\n", len(stripped)) >= 2:
+        return stripped + b"\n\n"
+    return stripped + b"\n"
 
 
 def _records_stats(lines: list[bytes], crlf: bool, first_record: int, offset: int) -> ReadStats:

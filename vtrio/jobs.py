@@ -3,12 +3,13 @@
 A job goes ``waiting -> running -> complete | cancelled | error``; every change of state and of
 progress (0..1, a few updates a second at most) is written through the database layer, so
 watchers see it live. The :class:`JobRunner` service claims waiting jobs atomically (two runners
-never run one job) and runs at most ``concurrency`` of them at once.
+never run one job) and runs at most ``concurrency`` of them at once. A sample has at most one
+waiting or running job per task (a unique partial index says so, race-free).
 
 What happens to a running job:
 
-- ``jobs.cancel``: its work is cancelled (the worker process is killed) and it is marked
-  ``cancelled`` before the call returns.
+- ``jobs.cancel``: its work is cancelled (the worker process computing for it is killed) and it
+  is marked ``cancelled`` before the call returns.
 - a graceful shutdown: its work is cancelled and it goes back to ``waiting``, to run again after
   the next start.
 - a crash of the server: it stays ``running`` in MongoDB until this runner starts again and puts
@@ -26,7 +27,6 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -35,9 +35,10 @@ from pydantic import Field, StringConstraints
 
 from vtrio import access
 from vtrio.db.documents import message_data
+from vtrio.db.errors import DatabaseError, DuplicateKey
 from vtrio.fastq import read_statistics
-from vtrio.rpc import Conflict, Methods, NotFound, Params
-from vtrio.samples import access_of, writable_sample
+from vtrio.rpc import Conflict, Forbidden, Methods, NotFound, Params
+from vtrio.samples import now, writable_sample
 
 if TYPE_CHECKING:
     from vtrio.api import Call
@@ -48,10 +49,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATES = ("waiting", "running", "complete", "cancelled", "error")
+ACTIVE = ("waiting", "running")
 FINAL_WRITE_TIMEOUT = 5.0
-"""How long a job's last write may take when the runner is being cancelled."""
+"""How long a job's last write may take, shielded from the cancellation of its runner."""
+CLAIM_WAIT = 5.0
+"""Longest ``cancel`` waits for a claim of the job in flight to be registered."""
 
 Job = dict[str, Any]
+ProgressReport = Callable[[float], Awaitable[None]]
+
+
+class JobFailed(Exception):
+    """A job cannot be done, for a reason the message gives (no traceback is logged)."""
 
 
 def runner_name(data_dir: Path) -> str:
@@ -62,12 +71,17 @@ def runner_name(data_dir: Path) -> str:
 
 @dataclass
 class _Running:
+    job: Job
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
 
 
 class JobRunner:
-    """Claims waiting jobs and runs them, ``concurrency`` at a time."""
+    """Claims waiting jobs and runs them, ``concurrency`` at a time.
+
+    New jobs are found by :meth:`notify` (the ``jobs.create`` method calls it) or, for jobs
+    created elsewhere, by polling every ``poll_interval`` seconds.
+    """
 
     def __init__(
         self,
@@ -83,62 +97,129 @@ class JobRunner:
         self.executors = executors
         self.uploads = uploads
         self.name = name
-        self._slots = trio.CapacityLimiter(concurrency)
+        # A semaphore, not a CapacityLimiter: a slot is taken by the claiming task and given
+        # back by the task that ran the job.
+        self._slots = trio.Semaphore(concurrency)
         self._poll_interval = poll_interval
         self._wakeup = trio.lowlevel.ParkingLot()
+        self._notified = False
+        self._claiming = False
+        self._claimed = trio.lowlevel.ParkingLot()
         self._running: dict[str, _Running] = {}
+
+    @property
+    def running_jobs(self) -> list[str]:
+        """Ids of the jobs this runner is running now."""
+        return list(self._running)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[JobRunner]:
-        """Run jobs for the block. On exit, running jobs are cancelled and put back to
-        ``waiting`` (each final write shielded, bounded by FINAL_WRITE_TIMEOUT)."""
-        await self._requeue({"state": "running", "runner": self.name})
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._claim_forever, nursery)
+        """Run jobs for the block.
+
+        At the start, jobs this runner left ``running`` (a crash) go back to ``waiting``. On
+        exit, including cancellation, running jobs are cancelled and put back to ``waiting``;
+        each final write is shielded and bounded by FINAL_WRITE_TIMEOUT, and a last sweep
+        puts back any job still marked as running here (e.g. one whose claim was in flight).
+        """
+        await self._requeue()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._claim_forever, nursery)
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
             try:
-                yield self
-            finally:
-                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
+                    await self._requeue()
+            except DatabaseError as exc:  # the next start puts them back
+                log.error("cannot put this runner's jobs back to waiting: %s", exc)
 
     def notify(self) -> None:
         """A job was created: look for work now rather than at the next poll."""
+        self._notified = True
         self._wakeup.unpark_all()
 
     async def cancel(self, job_id: str) -> Job | None:
         """Cancel a waiting job, or stop a job this runner is running; return it afterwards.
 
-        Returns None if the job is neither waiting nor running here.
+        A running job's work is cancelled at once, before any await (its worker process is
+        killed), and this returns once the job is marked ``cancelled`` (or ``complete`` /
+        ``error`` if it ended first). Returns None if the job is neither waiting nor running
+        here. Cancellation of the caller: the job's cancellation, once requested, proceeds.
         """
-        cancelled = await self.db.jobs.find_one_and_update(
-            {"_id": job_id, "state": "waiting"},
-            {"$set": {"state": "cancelled", "finished_at": datetime.now(UTC)}},
-        )
-        if cancelled is not None:
-            return cancelled
-        running = self._running.get(job_id)
-        if running is None:
-            return None
-        running.scope.cancel()
-        await running.done.wait()
-        return await self.db.jobs.find_one({"_id": job_id})
+        while True:
+            running = self._running.get(job_id)
+            if running is not None:
+                running.scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await running.done.wait()
+                return await self.db.jobs.find_one({"_id": job_id})
+            cancelled = await self.db.jobs.find_one_and_update(
+                {"_id": job_id, "state": "waiting"},
+                {"$set": {"state": "cancelled", "finished_at": now()}},
+            )
+            if cancelled is not None:
+                return cancelled
+            if job_id in self._running:
+                continue
+            # Not waiting: claimed in the meantime? Then by a claim of ours still in flight.
+            job = await self.db.jobs.find_one({"_id": job_id}, {"state": True, "runner": True})
+            if job is None or job.get("state") != "running" or job.get("runner") != self.name:
+                return None
+            if job_id in self._running:
+                continue
+            if not self._claiming:
+                return None  # marked as ours, yet no task of ours runs or claims it
+            with trio.move_on_after(CLAIM_WAIT) as waited:
+                await self._claimed.park()
+            if waited.cancelled_caught:
+                return None
 
-    async def _requeue(self, query: dict[str, Any]) -> None:
-        await self.db.jobs.update_many(query, {"$set": {"state": "waiting", "progress": 0}})
+    async def cancel_sample(self, sample_id: str) -> None:
+        """Cancel every waiting job of the sample, and those of its jobs this runner runs.
+
+        Cancellation of the caller: the waiting jobs are cancelled once the write is sent (see
+        :mod:`vtrio.db`), a running job once its cancellation is requested; the rest are not.
+        """
+        await self.db.jobs.update_many(
+            {"sample_id": sample_id, "state": "waiting"},
+            {"$set": {"state": "cancelled", "finished_at": now()}},
+        )
+        for job_id, running in list(self._running.items()):
+            if running.job.get("sample_id") == sample_id:
+                await self.cancel(job_id)
+
+    async def _requeue(self) -> None:
+        await self.db.jobs.update_many(
+            {"state": "running", "runner": self.name}, {"$set": {"state": "waiting", "progress": 0}}
+        )
 
     async def _claim_forever(self, nursery: trio.Nursery) -> None:
         while True:
             await self._slots.acquire()
+            job: Job | None = None
+            self._notified = False
+            self._claiming = True
             try:
                 job = await self._claim()
-            except BaseException:
-                self._slots.release()
-                raise
-            if job is None:
-                self._slots.release()
+            except DatabaseError as exc:
+                # MongoDB is briefly away (a failover, a timeout): jobs wait, the server lives.
+                log.warning("cannot claim jobs (%s): trying again soon", exc)
+            finally:
+                self._claiming = False
+                if job is None:
+                    self._slots.release()
+                else:
+                    # Registered before any checkpoint: a cancel that finds the job claimed
+                    # also finds it here.
+                    running = self._running[job["_id"]] = _Running(job)
+                    nursery.start_soon(self._run, job, running)
+                self._claimed.unpark_all()
+            if job is None and not self._notified:
                 with trio.move_on_after(self._poll_interval):
                     await self._wakeup.park()
-                continue
-            nursery.start_soon(self._run, job)
 
     async def _claim(self) -> Job | None:
         return await self.db.jobs.find_one_and_update(
@@ -147,25 +228,26 @@ class JobRunner:
                 "$set": {
                     "state": "running",
                     "runner": self.name,
-                    "started_at": datetime.now(UTC),
+                    "started_at": now(),
                     "progress": 0,
                 }
             },
             sort=[("created_at", 1)],
         )
 
-    async def _run(self, job: Job) -> None:
-        running = self._running[job["_id"]] = _Running()
+    async def _run(self, job: Job, running: _Running) -> None:
         try:
             try:
                 with running.scope:
-                    await self._perform(job)
+                    task = TASKS.get(job.get("task", ""))
+                    if task is None:
+                        raise JobFailed(f"no task {job.get('task')!r}")
+                    await task(self, job, self._progress_reporter(job["_id"]))
             except Exception as exc:
                 log.warning("job %s failed: %s", job["_id"], exc, exc_info=not _expected(exc))
-                await self._finish(job, "error", error=str(exc))
+                await self._finish(job, "error", error=str(exc) or type(exc).__name__)
             except BaseException:  # the runner itself is cancelled: the server is stopping
-                with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
-                    await self._finish(job, "waiting", progress=0)
+                await self._finish(job, "waiting", progress=0)
                 raise
             else:
                 if running.scope.cancelled_caught:
@@ -177,39 +259,52 @@ class JobRunner:
             running.done.set()
             self._slots.release()
 
-    async def _perform(self, job: Job) -> None:
-        task = TASKS[job["task"]]
-        await task(self, job, self._progress_reporter(job["_id"]))
-
-    def _progress_reporter(self, job_id: str) -> Callable[[float], Awaitable[None]]:
+    def _progress_reporter(self, job_id: str) -> ProgressReport:
         async def report(fraction: float) -> None:
-            await self.db.jobs.update_one(
-                {"_id": job_id, "state": "running"}, {"$set": {"progress": round(fraction, 4)}}
-            )
+            # Progress is news, not state: a report MongoDB fails to store is skipped, and the
+            # job goes on.
+            try:
+                await self.db.jobs.update_one(
+                    {"_id": job_id, "state": "running"},
+                    {"$set": {"progress": round(fraction, 4)}},
+                )
+            except DatabaseError as exc:
+                log.warning("job %s: progress not recorded (%s)", job_id, exc)
 
         return report
 
     async def _finish(self, job: Job, state: str, **fields: Any) -> None:
-        finished = {"finished_at": datetime.now(UTC)} if state != "waiting" else {}
-        await self.db.jobs.update_one(
-            {"_id": job["_id"], "runner": self.name},
-            {"$set": {"state": state, **finished, **fields}},
-        )
-        log.info("job %s (%s): %s", job["_id"], job["task"], state)
+        """The job's last write: shielded, so that a job is never left marked as running by a
+        cancellation of the runner, and bounded by FINAL_WRITE_TIMEOUT. Never raises but
+        Cancelled: a job whose last write fails stays marked as running here, and the sweep of
+        :meth:`running`, or the next start, puts it back to waiting."""
+        finished = {"finished_at": now()} if state != "waiting" else {}
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
+                await self.db.jobs.update_one(
+                    {"_id": job["_id"], "state": "running", "runner": self.name},
+                    {"$set": {"state": state, **finished, **fields}},
+                )
+        except DatabaseError as exc:
+            log.error("job %s: cannot record that it is %s (%s)", job["_id"], state, exc)
+            return
+        log.info("job %s (%s): %s", job["_id"], job.get("task"), state)
 
 
 def _expected(exc: Exception) -> bool:
     """Failures that are the input's fault, not vtrio's: no traceback in the log."""
-    return isinstance(exc, ValueError | OSError)
+    return isinstance(exc, JobFailed | ValueError | OSError)
 
 
-async def sample_stats(
-    runner: JobRunner, job: Job, on_progress: Callable[[float], Awaitable[None]]
-) -> None:
-    """Compute the read statistics of the job's sample and store them as its ``quality``."""
+async def sample_stats(runner: JobRunner, job: Job, on_progress: ProgressReport) -> None:
+    """Compute the read statistics of the job's sample and store them as its ``quality``.
+
+    Cancellation: the worker computing a chunk is killed; nothing is stored.
+    """
     sample = await runner.db.samples.find_one({"_id": job["sample_id"]})
     if sample is None:
-        raise ValueError(f"sample {job['sample_id']!r} was deleted")
+        raise JobFailed(f"sample {job['sample_id']!r} was deleted")
+    # Resolved again, not trusted from creation: the file may have been replaced since.
     path = await runner.uploads.resolve(sample["reads"])
     quality = await read_statistics(
         path,
@@ -217,10 +312,14 @@ async def sample_stats(
         run_in_thread=runner.executors.run_in_thread,
         on_progress=on_progress,
     )
-    await runner.db.samples.update_one({"_id": sample["_id"]}, {"$set": {"quality": quality}})
+    stored = await runner.db.samples.update_one(
+        {"_id": sample["_id"]}, {"$set": {"quality": quality}}
+    )
+    if stored is None:
+        raise JobFailed(f"sample {job['sample_id']!r} was deleted while its reads were read")
 
 
-TASKS: dict[str, Callable[[JobRunner, Job, Callable[[float], Awaitable[None]]], Awaitable[None]]]
+TASKS: dict[str, Callable[[JobRunner, Job, ProgressReport], Awaitable[None]]]
 TASKS = {"sample_stats": sample_stats}
 
 # --- the jobs.* methods -------------------------------------------------------------------------
@@ -232,6 +331,12 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 async def create_indexes(db: Database) -> None:
     await db.jobs.create_index([("state", 1), ("created_at", 1)])
     await db.jobs.create_index("sample_id")
+    await db.jobs.create_index(
+        [("sample_id", 1), ("task", 1)],
+        name="one_active_job_per_sample_and_task",
+        unique=True,
+        partialFilterExpression={"state": {"$in": list(ACTIVE)}},
+    )
 
 
 class CreateParams(Params):
@@ -246,25 +351,33 @@ class IdParams(Params):
 class ListParams(Params):
     state: Literal["waiting", "running", "complete", "cancelled", "error"] | None = None
     sample_id: Id | None = None
-    skip: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    skip: Annotated[int, Field(ge=0, le=10_000)] = 0
     limit: Annotated[int, Field(ge=1, le=100)] = 25
 
 
 @methods.method("jobs.create", CreateParams)
 async def create(call: Call, params: CreateParams) -> dict[str, Any]:
+    """Queue a job for a sample the caller may change; 409 if one is already waiting or
+    running for it."""
     sample = await writable_sample(call, params.sample_id)
-    job = await call.app.db.jobs.insert_one(
-        {
-            "_id": secrets.token_hex(8),
-            "task": params.task,
-            "sample_id": params.sample_id,
-            "user": call.identity.user_id,
-            "access": access_of(sample),
-            "state": "waiting",
-            "progress": 0,
-            "created_at": datetime.now(UTC),
-        }
-    )
+    try:
+        job = await call.app.db.jobs.insert_one(
+            {
+                "_id": secrets.token_hex(8),
+                "task": params.task,
+                "sample_id": params.sample_id,
+                "user": call.identity.user_id,
+                "access": access.access_of(sample),
+                "state": "waiting",
+                "progress": 0,
+                "created_at": now(),
+            }
+        )
+    except DuplicateKey:
+        raise Conflict(
+            f"sample {params.sample_id!r} already has a {params.task} job waiting or running: "
+            "wait for it, or cancel it"
+        ) from None
     call.app.jobs.notify()
     return message_data(job)
 
@@ -276,29 +389,32 @@ async def get(call: Call, params: IdParams) -> dict[str, Any]:
 
 @methods.method("jobs.list", ListParams)
 async def list_jobs(call: Call, params: ListParams) -> dict[str, Any]:
+    """The caller's readable jobs, newest first, optionally of one state or sample."""
     query: dict[str, Any] = access.readable_filter(call.identity, within="access")
     for name in ("state", "sample_id"):
         if (value := getattr(params, name)) is not None:
             query = {"$and": [query, {name: value}]}
     found = await call.app.db.jobs.find(
-        query, sort=[("created_at", -1)], skip=params.skip, limit=params.limit
+        query, sort=[("created_at", -1), ("_id", 1)], skip=params.skip, limit=params.limit
     )
     return {
         "items": [message_data(job) for job in found],
         "total": await call.app.db.jobs.count_documents(query),
-        "skip": params.skip,
-        "limit": params.limit,
     }
 
 
 @methods.method("jobs.cancel", IdParams)
 async def cancel(call: Call, params: IdParams) -> dict[str, Any]:
+    """Cancel a waiting or running job; return it afterwards (``cancelled``, or ``complete``
+    or ``error`` if it ended first). 409 if it had already ended."""
     job = await _readable_job(call, params.id)
-    await writable_sample(call, job["sample_id"])
+    if not access.can_write(call.identity, job["access"]):
+        raise Forbidden(f"you may read job {params.id!r} but not cancel it")
     cancelled = await call.app.jobs.cancel(params.id)
     if cancelled is None:
         job = await _readable_job(call, params.id)
-        raise Conflict(f"job {params.id!r} is {job['state']} and cannot be cancelled")
+        raise Conflict(f"job {params.id!r} is {job['state']}: only a waiting or running job "
+                       "can be cancelled")  # fmt: skip
     return message_data(cancelled)
 
 

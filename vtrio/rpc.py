@@ -7,17 +7,26 @@ responses on the same connection; they carry no ``id`` and no ``jsonrpc``.
 
 Every request runs in a task of its own in the connection's nursery, so the reader keeps reading
 (and answering pings) while it runs. At most ``max_in_flight`` requests run at once per
-connection; one more is answered at once with :data:`BUSY`. When the connection closes, its
-requests are cancelled: a database write already sent still completes and is dispatched (see
+connection; one more is answered at once with :data:`BUSY`. A batch takes as many of the free
+slots as it has requests (at least one, else all its requests are answered with :data:`BUSY`)
+and runs its requests concurrently within them; its responses come in one frame, in the order
+of the requests, notifications left out. When the connection closes, its requests are
+cancelled: a database write already sent still completes and is dispatched (see
 :mod:`vtrio.db`), but no response is sent.
 
-A bad request never closes the connection and never changes data. Errors:
+Request ids are strings, integers or null; parameters are named (a JSON object) and validated
+by the method's pydantic model: unknown fields and wrong types are errors, never coerced.
+
+A bad request never closes the connection and never changes data. (A frame larger than
+``--max-message-size`` is not read at all: the websocket layer closes the connection with 1009,
+see :mod:`vtrio.dispatcher`.) Errors:
 
 ======  ==========================================================================
--32700  the frame is not JSON
--32600  not a JSON-RPC 2.0 request (or an empty or oversized batch)
+-32700  the frame is not JSON (or nested too deeply, or holds a lone UTF-16 surrogate)
+-32600  not a JSON-RPC 2.0 request (or an empty batch, or one of more than MAX_BATCH)
 -32601  no such method
--32602  invalid params: the message names each wrong field and what was expected
+-32602  invalid params: the message names each wrong field and what was expected;
+        ``error.data`` lists them as ``{"field": ..., "problem": ...}``
 -32603  internal error (logged on the server)
 404     not found (also: exists, but the caller may not read it)
 403     forbidden: the caller may read it but not change it
@@ -159,117 +168,239 @@ class RpcEndpoint(Generic[C]):
         *,
         max_in_flight: int = 16,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self._methods = methods
         self._context = context
         self._max_in_flight = max_in_flight
         self._in_flight: dict[Client, int] = {}
 
     async def on_message(self, client: Client, frame: str | bytes, nursery: trio.Nursery) -> None:
-        """Handle one frame from ``client``: start its request(s) in ``nursery``. Never raises
-        for bad input; answers it."""
+        """Handle one frame from ``client``: start its request(s) in ``nursery`` (the
+        connection's, so that they are cancelled with it). Never raises for bad input, and
+        never waits: errors found here are answered at once."""
         try:
-            payload = json.loads(frame)
-        except (ValueError, UnicodeDecodeError) as exc:
-            client.reply(
-                dumps(_error_response(None, RpcError(f"not JSON: {exc}", code=PARSE_ERROR)))
-            )
+            payload = _parse(frame)
+        except _Unparsable as exc:
+            _send(client, _error_response(None, RpcError(str(exc), code=PARSE_ERROR)))
             return
-        if isinstance(payload, list) and not 0 < len(payload) <= MAX_BATCH:
-            error = RpcError(f"a batch holds 1 to {MAX_BATCH} requests", code=INVALID_REQUEST)
-            client.reply(dumps(_error_response(None, error)))
-            return
-        if not self._admit(client):
-            if isinstance(payload, dict) and "id" in payload:
-                client.reply(dumps(_error_response(payload["id"], _busy(self._max_in_flight))))
-            return
-        nursery.start_soon(self._answer, client, payload)
+        if isinstance(payload, list):
+            self._start_batch(client, payload, nursery)
+        elif self._take(client, 1):
+            nursery.start_soon(self._answer_one, client, payload)
+        elif _answered(payload):
+            _send(client, _error_response(_id_of(payload), self._busy()))
 
-    def _admit(self, client: Client) -> bool:
+    def _start_batch(self, client: Client, batch: list[Any], nursery: trio.Nursery) -> None:
+        if not 0 < len(batch) <= MAX_BATCH:
+            error = RpcError(f"a batch holds 1 to {MAX_BATCH} requests", code=INVALID_REQUEST)
+            _send(client, _error_response(None, error))
+            return
+        slots = min(len(batch), self._max_in_flight - self._in_flight.get(client, 0))
+        if slots > 0 and self._take(client, slots):
+            nursery.start_soon(self._answer_batch, client, batch, slots)
+            return
+        busy = [_error_response(_id_of(r), self._busy()) for r in batch if _answered(r)]
+        if busy:
+            _send(client, busy)
+
+    def _take(self, client: Client, slots: int) -> bool:
         count = self._in_flight.get(client, 0)
-        if count >= self._max_in_flight:
+        if count + slots > self._max_in_flight:
             return False
-        self._in_flight[client] = count + 1
+        self._in_flight[client] = count + slots
         return True
 
-    async def _answer(self, client: Client, payload: Any) -> None:
+    def _release(self, client: Client, slots: int) -> None:
+        count = self._in_flight[client] - slots
+        if count:
+            self._in_flight[client] = count
+        else:
+            del self._in_flight[client]
+
+    async def _answer_one(self, client: Client, request: Any) -> None:
+        # The slot is released before the response is queued: a client that sends its next
+        # request as soon as it reads a response is never told it has too many in flight.
+        try:
+            response = await self.call(self._context(client), request)
+        finally:
+            self._release(client, 1)
+        if response is not None:
+            _send(client, response)
+
+    async def _answer_batch(self, client: Client, batch: list[Any], slots: int) -> None:
+        responses: list[dict[str, Any] | None] = [None] * len(batch)
         try:
             context = self._context(client)
-            if isinstance(payload, list):
-                responses: list[dict[str, Any] | None] = [None] * len(payload)
-                async with trio.open_nursery() as batch:
-                    for index, request in enumerate(payload):
-                        batch.start_soon(self._fill, responses, index, context, request)
-                answered = [response for response in responses if response is not None]
-                if answered:
-                    client.reply(dumps(answered))
-            else:
-                response = await self.call(context, payload)
-                if response is not None:
-                    client.reply(dumps(response))
+            limiter = trio.CapacityLimiter(slots)
+            async with trio.open_nursery() as requests:
+                for index, request in enumerate(batch):
+                    requests.start_soon(self._fill, responses, index, context, request, limiter)
         finally:
-            self._in_flight[client] -= 1
-            if not self._in_flight[client]:
-                del self._in_flight[client]
+            self._release(client, slots)
+        answered = [response for response in responses if response is not None]
+        if answered:
+            _send(client, answered)
 
     async def _fill(
-        self, responses: list[dict[str, Any] | None], index: int, context: C, request: Any
+        self,
+        responses: list[dict[str, Any] | None],
+        index: int,
+        context: C,
+        request: Any,
+        limiter: trio.CapacityLimiter,
     ) -> None:
-        responses[index] = await self.call(context, request)
+        async with limiter:
+            responses[index] = await self.call(context, request)
 
     async def call(self, context: C, request: Any) -> dict[str, Any] | None:
-        """Answer one request object; None for a notification (a request without ``id``)."""
-        if not _is_request(request):
-            return _error_response(
-                request.get("id") if isinstance(request, dict) else None,
-                RpcError('not a JSON-RPC 2.0 request: expected {"jsonrpc": "2.0", "method": ...}',
-                         code=INVALID_REQUEST),
-            )  # fmt: skip
-        request_id = request.get("id")
+        """Answer one request object; None for a notification (a request without ``id``).
+
+        Never raises but ``trio.Cancelled``: a method's own failure becomes an internal error
+        response (and a logged traceback). Cancellation: the method is cancelled (see each
+        method for what it leaves done) and nothing is returned.
+        """
+        problem = _request_problem(request)
+        if problem is not None:
+            return _error_response(_id_of(request), problem)
         try:
             result = await self._run(context, request["method"], request.get("params", {}))
         except RpcError as error:
-            response = _error_response(request_id, error)
+            response = _error_response(request.get("id"), error)
         except Exception:
             log.exception("method %s failed", request["method"])
-            response = _error_response(request_id, RpcError("internal error: see the server log"))
+            internal = RpcError("internal error: see the server log")
+            response = _error_response(request.get("id"), internal)
         else:
-            response = {"jsonrpc": "2.0", "id": request_id, "result": result}
+            response = {"jsonrpc": "2.0", "id": request.get("id"), "result": result}
         return response if "id" in request else None
 
     async def _run(self, context: C, name: str, params: Any) -> Any:
         method = self._methods.get(name)
         if method is None:
-            raise RpcError(f"no method {name!r}", code=METHOD_NOT_FOUND)
+            raise RpcError(f"no method {_clip(name)!r}", code=METHOD_NOT_FOUND)
         if not isinstance(params, Mapping):
-            raise RpcError("params must be an object", code=INVALID_PARAMS)
+            raise RpcError(
+                "invalid params: params must be an object of named parameters",
+                code=INVALID_PARAMS,
+            )
         try:
             parsed = method.params.model_validate(params)
         except pydantic.ValidationError as exc:
-            raise RpcError(_describe_invalid(exc), code=INVALID_PARAMS) from None
+            raise _invalid_params(exc) from None
         return await method.handler(context, parsed)
 
+    def _busy(self) -> RpcError:
+        return Busy(
+            f"{self._max_in_flight} requests are already running on this connection: "
+            "wait for a response before sending more"
+        )
 
-def _is_request(request: Any) -> bool:
-    return (
-        isinstance(request, dict)
-        and request.get("jsonrpc") == "2.0"
-        and isinstance(request.get("method"), str)
-        and isinstance(request.get("id", 0), str | int)
-        and not isinstance(request.get("id", 0), bool)
-    )
+
+class _Unparsable(Exception):
+    pass
+
+
+def _parse(frame: str | bytes) -> Any:
+    try:
+        payload = json.loads(frame)
+    except RecursionError:
+        raise _Unparsable("not JSON that can be read: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Unparsable(f"not JSON: {_clip(str(exc), 200)}") from None
+    # "\ud800" is valid JSON but no Unicode text: it could be neither stored nor sent back.
+    # Only a frame with a \u escape can hold one, so only those pay for the check.
+    if isinstance(frame, bytes) or "\\u" in frame:
+        try:
+            json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise _Unparsable(
+                "not JSON that can be read: a \\u escape makes a lone UTF-16 surrogate"
+            ) from None
+        except RecursionError:
+            raise _Unparsable("not JSON that can be read: nested too deeply") from None
+    return payload
+
+
+def _valid_id(value: Any) -> bool:
+    return value is None or (isinstance(value, str | int) and not isinstance(value, bool))
+
+
+def _id_of(request: Any) -> Any:
+    """The id to answer ``request`` with: its own if it is a usable one, else null."""
+    if isinstance(request, dict) and _valid_id(request.get("id")):
+        return request.get("id")
+    return None
+
+
+def _answered(request: Any) -> bool:
+    """Whether ``request`` gets a response: anything but a valid notification does."""
+    return _request_problem(request) is not None or "id" in request
+
+
+def _request_problem(request: Any) -> RpcError | None:
+    """Why ``request`` is not a JSON-RPC 2.0 request object, or None if it is one."""
+    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0":
+        reason = 'expected an object with "jsonrpc": "2.0"'
+    elif not isinstance(request.get("method"), str):
+        reason = '"method" must be a string'
+    elif not _valid_id(request.get("id")):
+        reason = '"id" must be a string, an integer or null'
+    elif not isinstance(request.get("params", {}), dict | list):
+        reason = '"params" must be an object'
+    else:
+        return None
+    return RpcError(f"not a JSON-RPC 2.0 request: {reason}", code=INVALID_REQUEST)
 
 
 def _error_response(request_id: Any, error: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": error.to_json()}
 
 
-def _busy(limit: int) -> RpcError:
-    return Busy(f"{limit} requests are already running on this connection: wait for one")
+def _send(client: Client, response: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Queue ``response`` (or a batch of them) for ``client``, as one frame.
+
+    A result that cannot be encoded is answered with an internal error instead (and logged):
+    one bad result must not cost the client its connection.
+    """
+    if isinstance(response, list):
+        client.reply("[" + ",".join(map(_encode, response)) + "]")
+    else:
+        client.reply(_encode(response))
 
 
-def _describe_invalid(exc: pydantic.ValidationError) -> str:
+def _encode(response: dict[str, Any]) -> str:
+    try:
+        return dumps(response)
+    except (TypeError, ValueError):
+        log.exception("cannot encode the response to request %r", response.get("id"))
+        error = RpcError("internal error: see the server log")
+        return dumps(_error_response(response.get("id"), error))
+
+
+MAX_PROBLEMS = 10
+"""Most invalid fields an error message lists (the first ones)."""
+
+
+def _invalid_params(exc: pydantic.ValidationError) -> RpcError:
     problems = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "params"
-        problems.append(f"{where}: {error['msg']}")
-    return "invalid params: " + "; ".join(problems)
+    for error in exc.errors(include_url=False)[:MAX_PROBLEMS]:
+        where = ".".join(_clip(str(part)) for part in error["loc"]) or "params"
+        problems.append({"field": where, "problem": _explain(error)})
+    message = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+    if exc.error_count() > MAX_PROBLEMS:
+        message += f"; and {exc.error_count() - MAX_PROBLEMS} more"
+    return RpcError(f"invalid params: {message}", code=INVALID_PARAMS, data=problems)
+
+
+def _explain(error: Any) -> str:
+    """Pydantic's message, in the words of a JSON client."""
+    if error["type"] == "extra_forbidden":
+        return "unknown parameter"
+    if error["type"] == "missing":
+        return "required"
+    return str(error["msg"])
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -139,7 +139,7 @@ def database_service(
 
 async def open_uploads(settings: Settings) -> Uploads:
     folder = trio.Path(settings.data_dir / "uploads")
-    await folder.mkdir(exist_ok=True)
+    await folder.mkdir(parents=True, exist_ok=True)
     return Uploads(folder)
 
 

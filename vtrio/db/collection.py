@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import bson
 import trio
@@ -50,7 +50,15 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Filter = Mapping[str, Any]
-Message = tuple[str, Any]
+
+
+class Message(NamedTuple):
+    """One change message: what it carries, and what access rules judge it by."""
+
+    operation: str
+    data: Any
+    subject: Any
+
 
 IDS_PER_COMMAND = 20_000
 """Ids per ``$in`` list: keeps each command far below MongoDB's 16 MB document limit."""
@@ -345,10 +353,10 @@ class Collection:
         send = self._sends(silent)
 
         def write() -> _Written[Any | None]:
-            doc = self._collection.find_one_and_delete(filter, projection={"_id": True})
+            doc = self._collection.find_one_and_delete(filter, projection=self._server_projection)
             if doc is None:
                 return _Written(None)
-            return _Written(doc["_id"], [("delete", [doc["_id"]])] if send else [])
+            return _Written(doc["_id"], [self._deleted([doc])] if send else [])
 
         return await self._write(write)
 
@@ -369,16 +377,18 @@ class Collection:
         send = self._sends(silent)
 
         def write() -> _Written[list[Any]]:
-            ids = self._ids(filter)
-            if not ids:
+            docs = self._matching(filter, self._server_projection if send else {"_id": True})
+            if not docs:
                 return _Written([])
+            ids = [doc["_id"] for doc in docs]
             deleted = 0
             for chunk in _chunks(ids):
                 deleted += self._collection.delete_many(_among(filter, chunk)).deleted_count
             if deleted < len(ids):
                 remaining = {_key(doc["_id"]) for doc in self._fetch(ids, {"_id": True})}
-                ids = [id_ for id_ in ids if _key(id_) not in remaining]
-            return _Written(ids, [("delete", ids)] if send and ids else [])
+                docs = [doc for doc in docs if _key(doc["_id"]) not in remaining]
+            ids = [doc["_id"] for doc in docs]
+            return _Written(ids, [self._deleted(docs)] if send and docs else [])
 
         return await self._write(write)
 
@@ -450,8 +460,11 @@ class Collection:
 
     def _ids(self, filter: Filter) -> list[Any]:
         """The ids of the matching documents: one round trip (up to 16 MB of ids)."""
-        cursor = self._collection.find(filter, {"_id": True}, batch_size=_ONE_BATCH)
-        return [doc["_id"] for doc in cursor]
+        return [doc["_id"] for doc in self._matching(filter, {"_id": True})]
+
+    def _matching(self, filter: Filter, projection: Mapping[str, Any] | None) -> list[Document]:
+        """The matching documents, projected: one round trip (up to 16 MB)."""
+        return list(self._collection.find(filter, projection, batch_size=_ONE_BATCH))
 
     def _fetch(self, ids: list[Any], projection: Mapping[str, Any] | None = None) -> list[Document]:
         """The documents with these ids, projected by ``projection`` (default: the spec's)."""
@@ -465,7 +478,13 @@ class Collection:
         return found
 
     def _message(self, operation: str, doc: Mapping[str, Any]) -> Message:
-        return operation, message_data(project(doc, self.spec.projection))
+        data = message_data(project(doc, self.spec.projection))
+        return Message(operation, data, data)
+
+    def _deleted(self, docs: list[Document]) -> Message:
+        """A delete carries only ids; the documents go along for access rules to judge by."""
+        subjects = [message_data(project(doc, self.spec.projection)) for doc in docs]
+        return Message("delete", [doc["_id"] for doc in docs], subjects)
 
     # ---- helpers: the trio side -----------------------------------------------------------
 
@@ -506,9 +525,9 @@ class Collection:
         return written.result
 
     def _dispatch(self, messages: list[Message]) -> None:
-        for operation, data in messages:
+        for operation, data, subject in messages:
             try:
-                self._shared.dispatch(self.name, operation, data)
+                self._shared.dispatch(self.name, operation, data, subject)
             except Exception:
                 # The write is done: a faulty dispatcher must not turn it into a failure.
                 log.exception("dispatching %s %s failed", self.name, operation)

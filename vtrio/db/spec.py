@@ -6,12 +6,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-Dispatch = Callable[[str, str, Any], None]
-"""``dispatch(interface, operation, data)``: synchronous, never awaits, should not raise.
+Dispatch = Callable[[str, str, Any, Any], None]
+"""``dispatch(interface, operation, data, subject)``: synchronous, never awaits, should not raise.
 
 ``interface`` is the collection's name, ``operation`` one of ``"insert"``, ``"update"``,
-``"delete"``; ``data`` is the projected document with ``_id`` renamed ``id`` (insert, update) or
-the list of removed ids (delete), as Python objects, not yet JSON-encoded.
+``"delete"``; ``data`` is what the message carries: the projected document with ``_id`` renamed
+``id`` (insert, update) or the list of removed ids (delete), as Python objects, not yet
+JSON-encoded. ``subject`` is what access rules judge the message by: the same document for an
+insert or update, and for a delete the removed documents as they were (projected), which the
+message itself does not carry.
 """
 
 
