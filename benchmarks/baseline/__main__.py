@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.baseline.server import main
+
+sys.exit(main())

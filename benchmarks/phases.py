@@ -1,0 +1,106 @@
+"""The two load measurements the fan-out and slow-client benchmarks share.
+
+- :func:`throughput`: the writer keeps calls in flight as fast as the server answers; the
+  clients count the change messages they receive in 10 ms buckets, and the harness reads the
+  server's (and the clients') CPU time at both ends of the window.
+- :func:`latency`: the writer sends at a fixed rate; every client records, for every message,
+  its receive time minus the send time the message carries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from benchmarks.procs import cpu_ns
+from benchmarks.servers import ClientGroup, Server, WriterProcess, median, percentile
+
+RAMP = 0.5
+"""Seconds of load before a throughput window opens (queues and buffers reach steady state)."""
+WINDOW_PER_CONNECTION = 8
+"""Calls in flight per writer connection in max mode (vtrio answers at most 16 per connection)."""
+
+
+@dataclass
+class Throughput:
+    deliveries_per_s: float
+    server_cpu_per_delivery_s: float
+    client_cpu_per_delivery_s: float
+    writes_per_s: float
+    errors: dict[str, int]
+
+
+@dataclass
+class Latency:
+    p50_s: float
+    p99_s: float
+    samples: int
+    expected: int
+    writes: int
+
+
+async def throughput(
+    server: Server, clients: ClientGroup, writer: WriterProcess, ids: list[str], window: float
+) -> Throughput:
+    result: dict[str, Any] = {}
+
+    async def write() -> None:
+        result.update(
+            await writer.run(
+                window + 60,
+                mode="max",
+                window=WINDOW_PER_CONNECTION,
+                duration=RAMP + window,
+                ids=ids,
+            )
+        )
+
+    client_pids = [child.pid for child in clients.processes]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        await trio.sleep(RAMP)
+        t0, server0, clients0 = time.monotonic_ns(), cpu_ns(server.pid), _sum_cpu(client_pids)
+        await trio.sleep(window)
+        t1, server1, clients1 = time.monotonic_ns(), cpu_ns(server.pid), _sum_cpu(client_pids)
+    stats = await clients.stats(t0, t1)
+    seconds = (t1 - t0) / 1e9
+    deliveries = max(1, stats["window_messages"])
+    elapsed = (result["t_end_ns"] - result["t_start_ns"]) / 1e9
+    return Throughput(
+        deliveries_per_s=stats["window_messages"] / seconds,
+        server_cpu_per_delivery_s=((server1 or 0) - (server0 or 0)) / 1e9 / deliveries,
+        client_cpu_per_delivery_s=(clients1 - clients0) / 1e9 / deliveries,
+        writes_per_s=result["ok"] / elapsed if elapsed else 0.0,
+        errors=result["errors"],
+    )
+
+
+async def latency(
+    clients: ClientGroup, writer: WriterProcess, ids: list[str], rate: float, window: float,
+    n_clients: int,
+) -> Latency:  # fmt: skip
+    await clients.record(True)
+    result = await writer.run(window + 60, mode="rate", rate=rate, duration=window, ids=ids)
+    await trio.sleep(0.5)  # the last messages are still on their way
+    await clients.record(False)
+    stats = await clients.stats()
+    latencies = [value / 1e9 for value in stats["latencies"]]
+    return Latency(
+        p50_s=median(latencies),
+        p99_s=percentile(latencies, 0.99),
+        samples=len(latencies),
+        expected=result["ok"] * n_clients,
+        writes=result["ok"],
+    )
+
+
+async def warm_up(writer: WriterProcess, ids: list[str], seconds: float) -> None:
+    await writer.run(seconds + 60, mode="max", window=WINDOW_PER_CONNECTION, duration=seconds,
+                     ids=ids)  # fmt: skip
+
+
+def _sum_cpu(pids: list[int]) -> int:
+    return sum(cpu_ns(pid) or 0 for pid in pids)
