@@ -14,7 +14,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from vtrio import auth
 from vtrio.config import Settings
@@ -81,7 +81,9 @@ class RawClient:
         self.protocol = WSConnection(ConnectionType.CLIENT)
 
     @classmethod
-    async def connect(cls, url: str, key: str, *, receive_buffer: int = 0) -> RawClient:
+    async def connect(
+        cls, url: str, key: str, *, receive_buffer: int = 0, query: str = ""
+    ) -> RawClient:
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         sock = trio.socket.socket()
         if receive_buffer:  # a small window makes the server's socket block sooner
@@ -89,7 +91,7 @@ class RawClient:
         await sock.connect(("127.0.0.1", port))
         client = cls(sock)
         headers = [(b"authorization", f"Bearer {key}".encode())]
-        await sock.send(client.protocol.send(Request(host="127.0.0.1", target="/ws",
+        await sock.send(client.protocol.send(Request(host="127.0.0.1", target="/ws" + query,
                                                      extra_headers=headers)))  # fmt: skip
         await client.next_event(AcceptConnection)
         return client
@@ -105,6 +107,17 @@ class RawClient:
                 if not data:
                     raise ConnectionError("the server closed the TCP connection")
                 self.protocol.receive_data(data)
+
+    async def frames(self, count: int, timeout: float = 30) -> list[Any]:
+        """The next ``count`` text frames, parsed as JSON."""
+        frames, parts = [], []
+        while len(frames) < count:
+            event = await self.next_event(TextMessage, timeout)
+            parts.append(event.data)  # a large frame arrives in pieces
+            if event.message_finished:
+                frames.append(json.loads("".join(parts)))
+                parts.clear()
+        return frames
 
     async def close_code(self, timeout: float = 30) -> int:
         """The code of the server's close frame; 1006 if the connection ended without one."""

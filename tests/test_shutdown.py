@@ -79,8 +79,9 @@ async def test_stopping_with_jobs_running_leaves_nothing_and_requeues_them(
                 with trio.fail_after(30):
                     while {j["state"] for j in await jobs(mongodb_url, db_name)} != {"running"}:
                         await trio.sleep(0.05)
-        below = descendants(server.process.pid)
-        assert below, "the server runs its jobs in worker processes"
+            with trio.fail_after(30):  # a job is "running" just before its worker is spawned
+                while len(below := descendants(server.process.pid)) < 2:  # both jobs' workers
+                    await trio.sleep(0.01)
         server.signal(signum)
         assert await server.wait(10) == 0, server.output
     with trio.fail_after(5):  # multiprocessing's resource tracker exits once its pipe closes

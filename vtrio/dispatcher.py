@@ -37,6 +37,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from vtrio.encoding import dumps
+from vtrio.outbound import OutboundStream, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -71,38 +72,64 @@ KeyCheck = Callable[[set[str]], Awaitable[set[str]]]
 """``await check(key_ids)``: which of these API keys are still valid."""
 
 
-class _Reply(str):
-    """An outbox entry that goes out as a frame of its own (a JSON-RPC response)."""
+class Message:
+    """One outgoing message: its JSON, and its frame, both made once for every client."""
 
-    __slots__ = ()
+    __slots__ = ("frame", "payload", "reply")
+
+    def __init__(self, text: str, *, reply: bool = False) -> None:
+        self.payload = text.encode()
+        self.frame = text_frame(self.payload)
+        self.reply = reply  # a JSON-RPC response: a frame of its own, never coalesced
 
 
 class Client:
-    """One websocket connection as the dispatcher sees it: its user, its outbox, its sender."""
+    """One websocket connection as the dispatcher sees it: its user, its outbox, its sender.
+
+    A message offered to a client whose socket has room is written at once; otherwise it waits
+    in the outbox, and the client's sender task writes the outbox out, coalesced, as the
+    socket drains.
+    """
 
     def __init__(
-        self, websocket: WebSocketConnection, identity: Any, *, batch: bool, queue_size: int
+        self,
+        websocket: WebSocketConnection,
+        stream: OutboundStream,
+        identity: Any,
+        *,
+        batch: bool,
+        queue_size: int,
     ) -> None:
         self.websocket = websocket
+        self.stream = stream
         self.identity = identity
         self.batch = batch
         self._queue_size = queue_size
-        self._outbox: deque[str] = deque()
+        self._outbox: deque[Message] = deque()
         self._wakeup = trio.lowlevel.ParkingLot()
         self._closing = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
 
     def __repr__(self) -> str:
-        return f"<Client {self.websocket.remote} user={getattr(self.identity, 'user_id', '?')}>"
+        return f"<Client {self.stream!r} user={getattr(self.identity, 'user_id', '?')}>"
 
     @property
     def closing(self) -> bool:
         return self._closing.is_set()
 
-    def offer(self, message: str) -> None:
-        """Queue ``message`` for this client without waiting; close it if it cannot keep up."""
-        if self.closing:
+    def offer(self, message: Message) -> None:
+        """Send ``message`` to this client without waiting; close it if it cannot keep up."""
+        if self.closing or self.websocket.closed is not None:
+            return
+        if not self._outbox and self.stream.idle:
+            try:
+                self.stream.write_nowait(message.frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.close_soon(CloseCode.GOING_AWAY, "connection lost")
+                return
+            if not self.stream.idle:
+                self._wakeup.unpark()  # the rest of the frame waits for the socket
             return
         if len(self._outbox) >= self._queue_size:
             self._outbox.clear()  # bounded memory: a client that fell behind reloads anyway
@@ -112,8 +139,8 @@ class Client:
         self._wakeup.unpark()
 
     def reply(self, text: str) -> None:
-        """Queue an answer to this client's request: a frame of its own, never coalesced."""
-        self.offer(_Reply(text))
+        """Send the answer to one of this client's requests, in a frame of its own."""
+        self.offer(Message(text, reply=True))
 
     def close_soon(self, code: int, reason: str = "") -> None:
         """Ask for this connection to be closed with ``code``; the first request wins."""
@@ -123,25 +150,29 @@ class Client:
             self._wakeup.unpark()
 
     async def send_until_closed(self) -> None:
-        """Send the outbox, coalescing what has piled up, until the connection is closing."""
+        """Write out what the socket could not take at once, coalescing the outbox, until the
+        connection is closing."""
         try:
-            while not self.closing:
-                if not self._outbox:
+            # Once trio-websocket has answered a close from the peer, nothing more may follow.
+            while not self.closing and self.websocket.closed is None:
+                if not self.stream.idle:
+                    await self.stream.flush()
+                elif self._outbox:
+                    self.stream.write_nowait(self._next_frame())
+                else:
                     await self._wakeup.park()
-                    continue
-                await self.websocket.send_message(self._next_frame())
-        except ConnectionClosed:
-            self.close_soon(CloseCode.GOING_AWAY)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close_soon(CloseCode.GOING_AWAY, "connection lost")
 
-    def _next_frame(self) -> str:
+    def _next_frame(self) -> bytes:
         outbox = self._outbox
         first = outbox.popleft()
-        if not self.batch or type(first) is _Reply or not outbox or type(outbox[0]) is _Reply:
-            return first
-        messages = [first]
-        while outbox and len(messages) < BATCH_CAP and type(outbox[0]) is not _Reply:
-            messages.append(outbox.popleft())
-        return "[" + ",".join(messages) + "]"
+        if not self.batch or first.reply or not outbox or outbox[0].reply:
+            return first.frame
+        payloads = [first.payload]
+        while outbox and len(payloads) < BATCH_CAP and not outbox[0].reply:
+            payloads.append(outbox.popleft().payload)
+        return text_frame(b"[" + b",".join(payloads) + b"]")
 
     async def wait_closing(self) -> None:
         await self._closing.wait()
@@ -178,7 +209,7 @@ class Dispatcher:
         Raises ValueError for an unknown operation or an empty interface, and TypeError if
         ``data`` is of the wrong kind or cannot be sent as JSON; nothing is sent then.
         """
-        message = self.encode(interface, operation, data)
+        message = Message(self.encode(interface, operation, data))
         rule = self._rules.get(interface)
         about = data if subject is None else subject
         for client in self._clients:

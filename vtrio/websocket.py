@@ -13,17 +13,18 @@ with 4000. ``?batch=0`` asks for one change message per frame.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from socket import SO_SNDBUF, SOL_SOCKET
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from vtrio.dispatcher import Client, CloseCode, Dispatcher
+from vtrio.outbound import OutboundStream
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +70,15 @@ async def serve_ws(
         if limits.send_buffer_size:
             # Accepted sockets inherit it: kernel memory per connection stays bounded too.
             listener.socket.setsockopt(SOL_SOCKET, SO_SNDBUF, limits.send_buffer_size)
-    server = WebSocketServer(
-        endpoint.handle,
-        listeners,
-        handler_nursery=connections,
-        max_message_size=limits.max_message_size,
-        connect_timeout=limits.handshake_timeout,
-        # The dispatcher closes connections itself, bounded by the grace period.
-        disconnect_timeout=math.inf,
-    )
+    bound_port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+        await nursery.start(
+            partial(
+                trio.serve_listeners, endpoint.connection, listeners, handler_nursery=connections
+            )
+        )
         try:
-            yield f"ws://{host}:{server.port}{PATH}"
+            yield f"ws://{host}:{bound_port}{PATH}"
         finally:
             nursery.cancel_scope.cancel()
 
@@ -100,47 +97,62 @@ class _Endpoint:
         self._limits = limits
         self._handshakes = 0
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """One connection, start to end. Nothing raised here may reach trio-websocket: an
-        exception escaping a handler would crash the whole server, not just this connection."""
-        websocket: WebSocketConnection | None = None
-        try:
-            target = urlsplit(request.path)
-            if target.path != PATH:
-                await request.reject(404, body=b"no such endpoint: connect to /ws\n")
-                return
-            if len(self._dispatcher.clients) + self._handshakes >= self._limits.max_connections:
-                await request.reject(503, body=b"too many connections: try again later\n")
-                return
-            query = parse_qs(target.query)
-            self._handshakes += 1
-            try:
-                identity = await self._authenticate(_presented_key(request, query))
-                websocket = await request.accept()
-            finally:
-                self._handshakes -= 1
-            if identity is None:
-                await websocket.aclose(CloseCode.UNAUTHENTICATED, "a valid API key is required")
-                return
-            await self._serve(
-                Client(
-                    websocket,
-                    identity,
-                    batch=query.get("batch") != ["0"],
-                    queue_size=self._limits.send_queue_size,
-                )
-            )
-        except Exception:
-            log.exception("connection from %s failed", request.remote)
-            if websocket is not None:
-                with trio.move_on_after(1):
-                    await websocket.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+    async def connection(self, socket_stream: trio.SocketStream) -> None:
+        """One TCP connection, start to end, in the dispatcher's nursery.
 
-    async def _serve(self, client: Client) -> None:
-        # No checkpoint between the handshake's end and the client's registration: a write
-        # acknowledged after the client saw its connection open reaches it.
-        await self._dispatcher.serve(
-            client, self._on_message, heartbeat_interval=self._limits.heartbeat_interval
+        Nothing raised here may escape: it would end the dispatcher's nursery, and with it
+        every other connection. Whatever happens, the socket is closed on the way out.
+        """
+        stream = OutboundStream(socket_stream)
+        client: Client | None = None
+        try:
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader runs here
+                with trio.move_on_after(self._limits.handshake_timeout):
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=self._limits.max_message_size
+                    )
+                    client = await self._admit(request, stream)
+                # No checkpoint between the handshake's end and the client's registration:
+                # a write acknowledged after the client saw its connection open reaches it.
+                if client is not None:
+                    await self._dispatcher.serve(
+                        client, self._on_message, heartbeat_interval=self._limits.heartbeat_interval
+                    )
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("connection from %r failed", stream)
+            if client is not None:
+                with trio.move_on_after(1):
+                    await client.websocket.aclose(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _admit(self, request: WebSocketRequest, stream: OutboundStream) -> Client | None:
+        """Finish the handshake: the client to serve, or None if it was turned away."""
+        target = urlsplit(request.path)
+        if target.path != PATH:
+            await request.reject(404, body=b"no such endpoint: connect to /ws\n")
+            return None
+        if len(self._dispatcher.clients) + self._handshakes >= self._limits.max_connections:
+            await request.reject(503, body=b"too many connections: try again later\n")
+            return None
+        query = parse_qs(target.query)
+        self._handshakes += 1
+        try:
+            identity = await self._authenticate(_presented_key(request, query))
+            websocket = await request.accept()
+        finally:
+            self._handshakes -= 1
+        if identity is None:
+            await websocket.aclose(CloseCode.UNAUTHENTICATED, "a valid API key is required")
+            return None
+        return Client(
+            websocket,
+            stream,
+            identity,
+            batch=query.get("batch") != ["0"],
+            queue_size=self._limits.send_queue_size,
         )
 
 
