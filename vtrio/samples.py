@@ -154,22 +154,25 @@ async def update(call: Call, params: UpdateParams) -> dict[str, Any]:
     """Change the given fields. The sharing fields (``group`` and the rights) only the owner or
     an administrator may change, and only to a group of theirs."""
     changes = params.model_dump(exclude={"id"}, exclude_none=True)
-    sample = await writable_sample(call, params.id)
-    sharing = bool(changes.keys() & _SHARING)
-    if sharing and not _owns(call, sample):
-        raise Forbidden("only the sample's owner or an administrator may change its sharing")
     _check_group(call, changes.get("group"))
     if not changes:
-        return message_data(sample)
-    # The write right is checked again in the write itself: rights revoked since the read above
-    # are not bypassed.
+        return message_data(await writable_sample(call, params.id))
+    sharing = bool(changes.keys() & _SHARING)
+    # One round trip when the caller may make the change: the rights are checked in the write
+    # itself (so none revoked a moment ago is bypassed); only a refusal costs a second look,
+    # to tell the caller why.
     query = {"$and": [{"_id": params.id}, access.writable_filter(call.identity)]}
+    if sharing and not call.identity.admin:
+        query["$and"].append({"user": call.identity.user_id})
     try:
         updated = await call.app.db.samples.find_one_and_update(query, {"$set": changes})
     except DuplicateKey:
         raise Conflict(f"a sample named {params.name!r} exists: choose another name") from None
     if updated is None:
-        raise NotFound(f"no sample {params.id!r}")
+        sample = await writable_sample(call, params.id)  # raises NotFound or Forbidden
+        if sharing and not _owns(call, sample):
+            raise Forbidden("only the sample's owner or an administrator may change its sharing")
+        raise NotFound(f"no sample {params.id!r}")  # it changed hands since the write
     if sharing:
         # Jobs follow their sample: those who now may read it see its jobs too (dispatched).
         await call.app.db.jobs.update_many(
