@@ -268,9 +268,9 @@ async def test_an_exception_in_one_handler_closes_only_that_connection() -> None
             connections=connections,
             authenticate=anyone,
             on_message=on_message,
-        ) as url,
-        connect(url, "k", query="?batch=0") as healthy,
-        connect(url, "k") as doomed,
+        ) as server,
+        connect(server.url, "k", query="?batch=0") as healthy,
+        connect(server.url, "k") as doomed,
     ):
         await doomed.send_message("boom")
         assert await closed_with(doomed) == CloseCode.INTERNAL_ERROR

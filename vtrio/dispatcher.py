@@ -42,6 +42,7 @@ from vtrio.outbound import OutboundStream, text_frame
 log = logging.getLogger(__name__)
 
 OPERATIONS = frozenset({"insert", "update", "delete"})
+SHUTDOWN_REASON = "server shutting down"
 BATCH_CAP = 500
 """The most messages one coalesced frame holds."""
 
@@ -195,6 +196,7 @@ class Dispatcher:
         self._clients: set[Client] = set()
         self._close_timeout = close_timeout
         self._client_left = trio.lowlevel.ParkingLot()
+        self._closing_with: tuple[int, str] | None = None
 
     @property
     def clients(self) -> frozenset[Client]:
@@ -249,13 +251,18 @@ class Dispatcher:
                 yield nursery
             finally:
                 with trio.move_on_after(grace_period):
-                    await self.close_all(CloseCode.GOING_AWAY, "server shutting down")
+                    await self.close_all(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
                 nursery.cancel_scope.cancel()
+
+    def close_all_soon(self, code: int, reason: str = "") -> None:
+        """Start closing every connection with ``code``, and any that opens from now on."""
+        self._closing_with = (code, reason)
+        for client in self._clients:
+            client.close_soon(code, reason)
 
     async def close_all(self, code: int, reason: str = "") -> None:
         """Close every connection with ``code`` and wait until all are gone."""
-        for client in list(self._clients):
-            client.close_soon(code, reason)
+        self.close_all_soon(code, reason)
         while self._clients:
             await self._client_left.park()
 
@@ -274,6 +281,8 @@ class Dispatcher:
         closing is bounded by the close timeout, after which the socket is dropped.
         """
         self._clients.add(client)
+        if self._closing_with is not None:
+            client.close_soon(*self._closing_with)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.send_until_closed)

@@ -13,9 +13,10 @@ The tree, started top to bottom and stopped bottom to top::
 A service that fails to start, or dies while running, tears the others down in the same reverse
 order and ends the process with a message that names it (see :mod:`vtrio.services`).
 
-SIGINT or SIGTERM starts a graceful shutdown bounded by ``--shutdown-timeout``: the tree unwinds
-in order, and whatever is still running when the grace period ends is cancelled. A second SIGINT
-cancels everything at once. Either way every child process is stopped before ``serve`` returns.
+SIGINT or SIGTERM starts a graceful shutdown bounded by ``--shutdown-timeout``: every client is
+told at once (1001) and gets no more messages, then the tree unwinds in order, and whatever is
+still running when the grace period ends is cancelled. A second SIGINT cancels everything at
+once. Either way every child process is stopped before ``serve`` returns.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import trio
 from vtrio import access, api, auth, jobs, samples
 from vtrio.config import Settings
 from vtrio.db import Database, open_database
-from vtrio.dispatcher import Dispatcher
+from vtrio.dispatcher import SHUTDOWN_REASON, CloseCode, Dispatcher
 from vtrio.executors import Executors, open_executors
 from vtrio.github import GitHubClient
 from vtrio.http import HttpClient, open_http_client
@@ -42,7 +43,7 @@ from vtrio.mongod import run_mongod
 from vtrio.ncbi import NCBIClient
 from vtrio.services import service
 from vtrio.uploads import Uploads
-from vtrio.websocket import WebsocketLimits, serve_ws
+from vtrio.websocket import WebsocketLimits, WebsocketServer, serve_ws
 
 log = logging.getLogger("vtrio")
 
@@ -60,8 +61,21 @@ class App:
     uploads: Uploads
     jobs: JobRunner
     dispatcher: Dispatcher
+    websocket: WebsocketServer | None = None
     started_at: float = field(default_factory=time.monotonic)
-    url: str = ""
+
+    @property
+    def url(self) -> str:
+        assert self.websocket is not None, "the websocket service has not started"
+        return self.websocket.url
+
+    def begin_shutdown(self) -> None:
+        """The first steps of a graceful shutdown, taken the moment it is asked for: stop
+        accepting, and tell every client (1001), so that no more work is done for them while
+        the tree unwinds."""
+        if self.websocket is not None:
+            self.websocket.stop_accepting()
+        self.dispatcher.close_all_soon(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
 
 
 def mongodb_service(settings: Settings) -> AbstractAsyncContextManager[str]:
@@ -100,7 +114,7 @@ async def open_app(settings: Settings) -> AsyncIterator[App]:
         async with (
             service("jobs", runner.running()),
             service("dispatcher", connections_service(settings, dispatcher, db)) as nursery,
-            service("websocket", websocket_service(settings, app, nursery)) as app.url,
+            service("websocket", websocket_service(settings, app, nursery)) as app.websocket,
         ):
             yield app
 
@@ -153,7 +167,7 @@ def connections_service(
 
 def websocket_service(
     settings: Settings, app: App, nursery: trio.Nursery
-) -> AbstractAsyncContextManager[str]:
+) -> AbstractAsyncContextManager[WebsocketServer]:
     return serve_ws(
         host=settings.host,
         port=settings.port,
@@ -188,9 +202,8 @@ async def serve(settings: Settings) -> None:
         with shutdown.scope:
             async with open_app(settings) as app:
                 log.info("vtrio ready at %s", app.url)
-                shutdown.ready = True
+                shutdown.app = app
                 await shutdown.requested.wait()
-                log.info("shutting down (grace period %.1f s)", settings.shutdown_timeout)
         root.cancel_scope.cancel()
 
 
@@ -201,7 +214,7 @@ class _Shutdown:
         self.grace_period = grace_period
         self.scope = trio.CancelScope()
         self.requested = trio.Event()
-        self.ready = False
+        self.app: App | None = None  # set once the app is ready
 
     async def watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -209,12 +222,19 @@ class _Shutdown:
                 self.request(signal.Signals(signum))
 
     def request(self, signum: signal.Signals) -> None:
-        if self.requested.is_set() or not self.ready:
+        if self.requested.is_set() or self.app is None:
             # A second signal, or one before start-up finished: stop at once. Cleanup that
             # must happen (stopping mongod) runs shielded and bounded.
             log.warning("%s: stopping now", signum.name)
             self.scope.cancel()
             return
-        log.info("%s received: stopping gracefully (again to stop at once)", signum.name)
+        log.info(
+            "%s received: stopping gracefully within %.1f s (again to stop at once)",
+            signum.name,
+            self.grace_period,
+        )
+        # Here, in the signal's task, not in the main task: a busy server may take a while to
+        # schedule that one, and the first steps should not wait for it.
+        self.app.begin_shutdown()
         self.requested.set()
         self.scope.deadline = trio.current_time() + self.grace_period

@@ -48,6 +48,18 @@ class WebsocketLimits:
     handshake_timeout: float = 10.0
 
 
+@dataclass
+class WebsocketServer:
+    """The running ``/ws`` listener."""
+
+    url: str
+    _scope: trio.CancelScope
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket now (open connections are the dispatcher's)."""
+        self._scope.cancel()
+
+
 @asynccontextmanager
 async def serve_ws(
     *,
@@ -58,8 +70,8 @@ async def serve_ws(
     authenticate: Authenticate,
     on_message: OnMessage = ignore_message,
     limits: WebsocketLimits = WebsocketLimits(),
-) -> AsyncIterator[str]:
-    """Accept websocket connections on ``host:port`` for the block; yield the ``ws://`` URL.
+) -> AsyncIterator[WebsocketServer]:
+    """Accept websocket connections on ``host:port`` for the block; yield the running server.
 
     Connections run in ``connections`` (the dispatcher's nursery) and outlive this block;
     leaving it, or cancelling it, only closes the listening socket.
@@ -72,13 +84,10 @@ async def serve_ws(
             listener.socket.setsockopt(SOL_SOCKET, SO_SNDBUF, limits.send_buffer_size)
     bound_port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(
-                trio.serve_listeners, endpoint.connection, listeners, handler_nursery=connections
-            )
-        )
+        serve = partial(trio.serve_listeners, handler_nursery=connections)
+        await nursery.start(serve, endpoint.connection, listeners)
         try:
-            yield f"ws://{host}:{bound_port}{PATH}"
+            yield WebsocketServer(f"ws://{host}:{bound_port}{PATH}", nursery.cancel_scope)
         finally:
             nursery.cancel_scope.cancel()
 
