@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
@@ -133,3 +133,13 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def closed_with(websocket, timeout: float = 10) -> int:
+    """Read until the server closes the connection; return its close code."""
+    with trio.fail_after(timeout):
+        try:
+            while True:
+                await websocket.get_message()
+        except ConnectionClosed as closed:
+            return closed.reason.code

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionRejected, open_websocket_url
 
 from tests.live import (
     RawClient,
+    closed_with,
     connect,
     new_key,
     receive_json,
@@ -29,16 +30,6 @@ from vtrio.websocket import serve_ws
 async def app(mongodb_url: str, db_name: str, tmp_path: Path):
     async with open_app(settings_for(mongodb_url, db_name, tmp_path)) as app:
         yield app
-
-
-async def closed_with(websocket, timeout: float = 10) -> int:
-    """Read until the server closes the connection; return its close code."""
-    with trio.fail_after(timeout):
-        try:
-            while True:
-                await websocket.get_message()
-        except ConnectionClosed as closed:
-            return closed.reason.code
 
 
 async def test_writes_reach_a_client_in_order(app: App) -> None:

@@ -12,6 +12,8 @@ import trio
 
 from tests.live import connect
 from tests.processes import run_vtrio, vtrio_process
+from tests.test_live import closed_with
+from vtrio.dispatcher import CloseCode
 
 RECORD = b"@read\n" + b"ACGT" * 25 + b"\n+\n" + b"I" * 100 + b"\n"
 
@@ -79,10 +81,11 @@ async def test_stopping_with_jobs_running_leaves_nothing_and_requeues_them(
                 with trio.fail_after(30):
                     while {j["state"] for j in await jobs(mongodb_url, db_name)} != {"running"}:
                         await trio.sleep(0.05)
-            with trio.fail_after(30):  # a job is "running" just before its worker is spawned
-                while len(below := descendants(server.process.pid)) < 2:  # both jobs' workers
-                    await trio.sleep(0.01)
-        server.signal(signum)
+                with trio.fail_after(30):  # "running" comes just before the worker's spawn
+                    while len(below := descendants(server.process.pid)) < 2:  # both workers
+                        await trio.sleep(0.01)
+                server.signal(signum)
+                assert await closed_with(websocket) == CloseCode.GOING_AWAY
         assert await server.wait(10) == 0, server.output
     with trio.fail_after(5):  # multiprocessing's resource tracker exits once its pipe closes
         while [pid for pid in below if alive(pid)]:

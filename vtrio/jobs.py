@@ -106,6 +106,7 @@ class JobRunner:
         self._claiming = False
         self._claimed = trio.lowlevel.ParkingLot()
         self._running: dict[str, _Running] = {}
+        self._stop = trio.CancelScope()
 
     @property
     def running_jobs(self) -> list[str]:
@@ -124,17 +125,29 @@ class JobRunner:
         await self._requeue()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._claim_forever, nursery)
+                nursery.start_soon(self._claim_and_run)
                 try:
                     yield self
                 finally:
-                    nursery.cancel_scope.cancel()
+                    self.stop_soon()
         finally:
             try:
                 with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT):
                     await self._requeue()
             except DatabaseError as exc:  # the next start puts them back
                 log.error("cannot put this runner's jobs back to waiting: %s", exc)
+
+    async def _claim_and_run(self) -> None:
+        # A scope of its own, not the nursery's: stopping the jobs early must not cancel the
+        # services started after this one, which the nursery's scope also covers.
+        with self._stop:
+            async with trio.open_nursery() as jobs:
+                jobs.start_soon(self._claim_forever, jobs)
+
+    def stop_soon(self) -> None:
+        """Stop claiming and cancel the running jobs now (their workers are killed, and they
+        go back to ``waiting``), ahead of this service's turn in a shutdown."""
+        self._stop.cancel()
 
     def notify(self) -> None:
         """A job was created: look for work now rather than at the next poll."""

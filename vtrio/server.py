@@ -71,11 +71,12 @@ class App:
 
     def begin_shutdown(self) -> None:
         """The first steps of a graceful shutdown, taken the moment it is asked for: stop
-        accepting, and tell every client (1001), so that no more work is done for them while
-        the tree unwinds."""
+        accepting, tell every client (1001), and stop the running jobs (back to ``waiting``),
+        so that the CPU goes to closing cleanly while the tree unwinds."""
         if self.websocket is not None:
             self.websocket.stop_accepting()
         self.dispatcher.close_all_soon(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+        self.jobs.stop_soon()
 
 
 def mongodb_service(settings: Settings) -> AbstractAsyncContextManager[str]:
