@@ -93,7 +93,7 @@ async def cpu_case(case: str, args: argparse.Namespace, folder: Path) -> list[di
                     )
                 if case == "thread-cooperative":
                     return executors.run_in_thread(
-                        work.busy_cooperative, heartbeat, args.work_seconds,
+                        work.busy, heartbeat, args.work_seconds,
                         trio.from_thread.check_cancelled,
                     )  # fmt: skip
                 return executors.run_in_process(work.busy, heartbeat, args.work_seconds)

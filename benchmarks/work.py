@@ -13,10 +13,12 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 
 
-def busy(heartbeat_path: str, seconds: float) -> int:
-    """Burn one core for ``seconds`` (unless killed), beating into ``heartbeat_path``."""
+def busy(heartbeat_path: str, seconds: float, check: Callable[[], object] | None = None) -> int:
+    """Burn one core for ``seconds`` (unless killed), beating into ``heartbeat_path``; with
+    ``check``, call it between beats (it raises to stop the work cooperatively)."""
     fd = os.open(heartbeat_path, os.O_RDWR)
     try:
         beat = mmap.mmap(fd, 8)
@@ -31,28 +33,8 @@ def busy(heartbeat_path: str, seconds: float) -> int:
                 total += i * i
             rounds += 1
             beat[:8] = struct.pack("q", time.monotonic_ns())
-    finally:
-        beat.close()
-    return rounds
-
-
-def busy_cooperative(heartbeat_path: str, seconds: float, check: object) -> int:
-    """Like :func:`busy`, calling ``check()`` between beats (raises to stop)."""
-    fd = os.open(heartbeat_path, os.O_RDWR)
-    try:
-        beat = mmap.mmap(fd, 8)
-    finally:
-        os.close(fd)
-    deadline = time.monotonic() + seconds
-    rounds = 0
-    try:
-        while time.monotonic() < deadline:
-            total = 0
-            for i in range(2000):
-                total += i * i
-            rounds += 1
-            beat[:8] = struct.pack("q", time.monotonic_ns())
-            check()  # type: ignore[operator]
+            if check is not None:
+                check()
     finally:
         beat.close()
     return rounds
