@@ -4,11 +4,13 @@ Every acknowledged write becomes one change message, serialised once::
 
     {"interface": "samples", "operation": "insert" | "update" | "delete", "data": ...}
 
-and offered to every connected client that may see it. Offering never waits: each client has a
-bounded outbox and a sender task of its own, so a slow or broken client can hold up neither the
-writer nor the other clients. When a client's outbox holds several messages, its sender sends
-them as one frame holding a JSON array (in order, up to :data:`BATCH_CAP`); a lone message goes
-out at once as a plain object. A client that asked for ``?batch=0`` gets one message per frame.
+and offered to every connected client that may see it. Offering never waits: the message's frame
+goes straight to the client's socket when it has room (see :mod:`vtrio.outbound`), and into the
+client's bounded outbox when it has not, for the client's sender task to write as the socket
+drains; so a slow or broken client can hold up neither the writer nor the other clients. When
+the outbox holds several messages, the sender sends them as one frame holding a JSON array (in
+order, up to :data:`BATCH_CAP`); a lone message goes out at once as a plain object. A client
+that asked for ``?batch=0`` gets one message per frame.
 
 Close codes a client can see:
 
@@ -31,7 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -53,16 +55,6 @@ class CloseCode(IntEnum):
     UNAUTHENTICATED = 4000
     HEARTBEAT_TIMEOUT = 4001
     TOO_SLOW = 4002
-
-
-class Identity(Protocol):
-    """Who is at the other end of a connection, as far as the dispatch rules need to know."""
-
-    @property
-    def user_id(self) -> str: ...
-
-    @property
-    def key_id(self) -> str: ...
 
 
 Rule = Callable[[Any, Any], bool]
