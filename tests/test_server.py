@@ -10,7 +10,7 @@ import pymongo
 import pytest
 import trio
 
-from tests.live import connect
+from tests.live import RawClient, connect
 from tests.processes import kill, mongods_using, run_vtrio, vtrio_process
 
 GRACE = 5.0
@@ -64,11 +64,25 @@ async def test_embedded_server_keeps_data_across_restart_and_stops_cleanly(
 async def test_second_sigint_stops_at_once(tmp_path: Path, mongodb_url: str) -> None:
     args = server_args(tmp_path, "--mongodb-url", mongodb_url, "--shutdown-timeout", "60")
     async with vtrio_process(args) as server:
-        await server.wait_ready()
+        url = await server.wait_ready()
+        key = await trio.to_thread.run_sync(new_key_for, mongodb_url, tmp_path)
+        # A client that never answers the close frame holds a graceful shutdown for 60 s ...
+        stubborn = await RawClient.connect(url, key)
         server.signal(signal.SIGINT)
+        assert await stubborn.close_code() == 1001  # told at once
         await server.wait_for_line("stopping gracefully")
-        server.signal(signal.SIGINT)
+        with trio.move_on_after(1):
+            await server.process.wait()
+        assert server.process.returncode is None  # ... and it is holding it
+        server.signal(signal.SIGINT)  # ... until a second Ctrl-C
         assert await server.wait(10) == 0, server.output
+        stubborn.close()
+
+
+def new_key_for(mongodb_url: str, data_dir: Path) -> str:
+    common = ["--mongodb-url", mongodb_url, "--data-dir", str(data_dir)]
+    assert run_vtrio(["users", "create", "bob", *common]).returncode == 0
+    return run_vtrio(["keys", "create", "bob", *common]).stdout.strip()
 
 
 async def test_occupied_port_fails_naming_the_service(tmp_path: Path, mongodb_url: str) -> None:

@@ -54,7 +54,7 @@ async def system_info(call: Call, params: NoParams) -> dict[str, Any]:
     return {
         "version": __version__,
         "uptime": round(time.monotonic() - call.app.started_at, 3),
-        "connections": len(call.app.dispatcher.clients),
+        "connections": call.app.dispatcher.connection_count,
         "jobs": await jobs.count_by_state(call.app.db),
     }
 

@@ -194,6 +194,10 @@ class Dispatcher:
     def clients(self) -> frozenset[Client]:
         return frozenset(self._clients)
 
+    @property
+    def connection_count(self) -> int:
+        return len(self._clients)
+
     def dispatch(self, interface: str, operation: str, data: Any, subject: Any = None) -> None:
         """Send a change message to every connection that may see it. Never waits.
 
@@ -207,8 +211,11 @@ class Dispatcher:
         rule = self._rules.get(interface)
         about = data if subject is None else subject
         for client in self._clients:
-            if rule is None or rule(client.identity, about):
-                client.offer(message)
+            try:
+                if rule is None or rule(client.identity, about):
+                    client.offer(message)
+            except Exception:  # one client's bad luck is not everyone's
+                log.exception("dispatching to %r failed", client)
 
     @staticmethod
     def encode(interface: str, operation: str, data: Any) -> str:

@@ -65,10 +65,6 @@ class OutboundStream(trio.abc.Stream):
         """Nothing is waiting to be written: a write now goes straight to the socket."""
         return not self._pending
 
-    @property
-    def pending_bytes(self) -> int:
-        return sum(map(len, self._pending))
-
     def write_nowait(self, data: bytes | memoryview) -> None:
         """Write ``data`` after whatever is pending; what the socket cannot take now is kept
         for :meth:`flush`. Never waits. Raises trio.BrokenResourceError if the peer is gone

@@ -83,13 +83,21 @@ async def serve_ws(
             # Accepted sockets inherit it: kernel memory per connection stays bounded too.
             listener.socket.setsockopt(SOL_SOCKET, SO_SNDBUF, limits.send_buffer_size)
     bound_port = listeners[0].socket.getsockname()[1]
+    # A scope of the listener's own: stopping it must not cancel the caller's block, which the
+    # nursery's scope also covers.
+    accepting = trio.CancelScope()
+
+    async def accept(task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+        with accepting:
+            serve = partial(trio.serve_listeners, handler_nursery=connections)
+            await serve(endpoint.connection, listeners, task_status=task_status)
+
     async with trio.open_nursery() as nursery:
-        serve = partial(trio.serve_listeners, handler_nursery=connections)
-        await nursery.start(serve, endpoint.connection, listeners)
+        await nursery.start(accept)
         try:
-            yield WebsocketServer(f"ws://{host}:{bound_port}{PATH}", nursery.cancel_scope)
+            yield WebsocketServer(f"ws://{host}:{bound_port}{PATH}", accepting)
         finally:
-            nursery.cancel_scope.cancel()
+            accepting.cancel()
 
 
 class _Endpoint:
@@ -128,7 +136,7 @@ class _Endpoint:
                         client, self._on_message, heartbeat_interval=self._limits.heartbeat_interval
                     )
                 nursery.cancel_scope.cancel()
-        except Exception:
+        except* Exception:  # also when it comes in a group with a Cancelled (at shutdown)
             log.exception("connection from %r failed", stream)
             if client is not None:
                 with trio.move_on_after(1):
@@ -143,7 +151,7 @@ class _Endpoint:
         if target.path != PATH:
             await request.reject(404, body=b"no such endpoint: connect to /ws\n")
             return None
-        if len(self._dispatcher.clients) + self._handshakes >= self._limits.max_connections:
+        if self._dispatcher.connection_count + self._handshakes >= self._limits.max_connections:
             await request.reject(503, body=b"too many connections: try again later\n")
             return None
         query = parse_qs(target.query)

@@ -4,9 +4,11 @@ Every pymongo call runs in a worker thread (:mod:`vtrio.db.threads`), so the eve
 blocks. All the round trips of one write run in ONE thread call, inside one ``timeoutMS``
 deadline.
 
-Dispatching: after a write's acknowledgement reaches the calling task, its messages are passed to
-``dispatch(collection name, operation, data)`` synchronously, before the call returns, so
-messages leave in acknowledgement order. ``data`` is the document projected by the collection's
+Dispatching: the moment a write's acknowledgement reaches its thread, the thread queues its
+messages for ``dispatch(collection name, operation, data, subject)`` on the event loop, in a
+queue trio runs first in, first out, and ahead of the calling task's own wake-up: so messages
+leave in acknowledgement order (tasks woken together run in no set order), and before the call
+returns. ``data`` is the document projected by the collection's
 :class:`~vtrio.db.spec.CollectionSpec` with ``_id`` renamed ``id`` (insert, update), or the list of
 removed ids (delete). ``silent=True``, or a silent collection, dispatches nothing. A write that
 fails raises a :class:`~vtrio.db.errors.DatabaseError` and dispatches nothing (but see
@@ -514,17 +516,27 @@ class Collection:
 
     async def _write(self, fn: Callable[[], _Written[T]]) -> T:
         """Run a write's thread function; dispatch its messages; then honour a cancellation."""
+        loop = trio.lowlevel.current_trio_token()
+
+        def write_then_dispatch() -> _Written[T]:
+            written = fn()
+            if written.messages:
+                loop.run_sync_soon(self._dispatch, written.messages)
+            return written
+
         try:
-            written = await run_write(fn, self._shared.limiter, self._shared.timeout)
+            written = await run_write(
+                write_then_dispatch, self._shared.limiter, self._shared.timeout
+            )
         except PyMongoError as exc:
             raise self._error(exc, write=True) from exc
-        self._dispatch(written.messages)
         if written.error is not None:
             raise self._error(written.error, write=True) from written.error
         await trio.lowlevel.checkpoint_if_cancelled()
         return written.result
 
     def _dispatch(self, messages: list[Message]) -> None:
+        # Runs as a trio callback, not in a task: nothing may escape it.
         for operation, data, subject in messages:
             try:
                 self._shared.dispatch(self.name, operation, data, subject)
