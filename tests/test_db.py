@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -545,3 +546,30 @@ async def test_deletes_send_ids_and_give_rules_the_removed_documents(
         {"id": 1, "owner": "u1", "secret": "x"},
         {"id": 2, "owner": "u2", "secret": "x"},
     ]
+
+
+async def test_an_update_many_that_times_out_after_committing_still_tells_the_clients(
+    mongodb_url: str, db_name: str
+) -> None:
+    commands, recorder = Commands(), Recorder()
+    async with open_database(
+        mongodb_url,
+        db_name,
+        dispatch=recorder,
+        timeout=0.5,
+        client_options={"event_listeners": [commands]},
+    ) as db:
+        await db.things.insert_many([{"_id": n, "v": 0} for n in range(3)], silent=True)
+
+        def stall_the_read_back(event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name == "find" and "update" in commands.names:
+                time.sleep(0.6)  # past the whole call's deadline: the read-back times out
+
+        commands.on_started = stall_the_read_back
+        with pytest.raises(DatabaseUnavailable):
+            await db.things.update_many({}, {"$set": {"v": 1}})
+        commands.on_started = None
+        assert await db.things.count_documents({"v": 1}) == 3  # committed
+    # ... and each client hears the documents changed, and reloads them.
+    assert sorted(data["id"] for _, operation, data in recorder.messages) == [0, 1, 2]
+    assert all(data == {"id": data["id"]} for _, _, data in recorder.messages)

@@ -333,16 +333,24 @@ class Collection:
             if not ids:
                 return self._upsert_many(filter, update, send) if upsert else _nothing_updated()
             matched = modified = 0
+            sent: list[Any] = []  # ids whose update command MongoDB has acknowledged
             for chunk in _chunks(ids):
                 try:
                     result = self._collection.update_many(_among(filter, chunk), update)
                 except OperationFailure as exc:
                     if exc.timeout:
-                        raise
+                        return self._unconfirmed(sent, send, matched, modified, exc)
                     return self._failed_update(ids, send, exc)
+                except PyMongoError as exc:
+                    return self._unconfirmed(sent, send, matched, modified, exc)
+                sent.extend(chunk)
                 matched += result.matched_count
                 modified += result.modified_count
-            messages = [self._message("update", doc) for doc in self._fetch(ids)] if send else []
+            try:
+                docs = self._fetch(ids) if send else []
+            except PyMongoError as exc:
+                return self._unconfirmed(sent, send, matched, modified, exc)
+            messages = [self._message("update", doc) for doc in docs]
             return _Written(UpdateManyResult(matched, modified, ids), messages)
 
         return await self._write(write)
@@ -383,12 +391,20 @@ class Collection:
             if not docs:
                 return _Written([])
             ids = [doc["_id"] for doc in docs]
-            deleted = 0
-            for chunk in _chunks(ids):
-                deleted += self._collection.delete_many(_among(filter, chunk)).deleted_count
-            if deleted < len(ids):
-                remaining = {_key(doc["_id"]) for doc in self._fetch(ids, {"_id": True})}
-                docs = [doc for doc in docs if _key(doc["_id"]) not in remaining]
+            deleted, done = 0, 0  # documents deleted; selected documents whose chunk is done
+            try:
+                for chunk in _chunks(ids):
+                    deleted += self._collection.delete_many(_among(filter, chunk)).deleted_count
+                    done += len(chunk)
+                if deleted < len(ids):
+                    remaining = {_key(doc["_id"]) for doc in self._fetch(ids, {"_id": True})}
+                    docs = [doc for doc in docs if _key(doc["_id"]) not in remaining]
+            except PyMongoError as exc:
+                # Chunks MongoDB acknowledged stay deleted: say so, then raise.
+                gone = docs[:done]
+                return _Written(
+                    [d["_id"] for d in gone], [self._deleted(gone)] if send and gone else [], exc
+                )
             ids = [doc["_id"] for doc in docs]
             return _Written(ids, [self._deleted(docs)] if send and docs else [])
 
@@ -459,6 +475,15 @@ class Collection:
             except PyMongoError:
                 log.warning("%s: cannot read back the documents of a failed update_many", self.name)
         return _Written(UpdateManyResult(0, 0, ids), messages, error)
+
+    def _unconfirmed(
+        self, ids: list[Any], send: bool, matched: int, modified: int, error: PyMongoError
+    ) -> _Written[UpdateManyResult]:
+        """An update_many that failed after MongoDB had acknowledged some of its updates (those
+        of ``ids``), with no means left to read their new state: dispatch each as an update
+        carrying its id alone, so that clients reload it, then raise."""
+        messages = [Message("update", {"id": id_}, {"id": id_}) for id_ in ids] if send else []
+        return _Written(UpdateManyResult(matched, modified, ids), messages, error)
 
     def _ids(self, filter: Filter) -> list[Any]:
         """The ids of the matching documents: one round trip (up to 16 MB of ids)."""
