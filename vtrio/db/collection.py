@@ -321,8 +321,10 @@ class Collection:
         Refused by MongoDB (e.g. a duplicate key, a validator): MongoDB stops at the failing
         document, those updated before it stay updated, and its reply does not say which. So
         the selected documents are read back (one round trip more) and dispatched as they now
-        are (some perhaps unchanged), then the error is raised. (Failures before the update is
-        sent, and timeouts or lost connections, dispatch nothing.)
+        are (some perhaps unchanged), then the error is raised. A timeout or lost connection
+        after MongoDB acknowledged updates leaves no way to read them back: each acknowledged
+        document is dispatched as an update carrying its id alone (reload it), then the error
+        is raised. A failure before anything was acknowledged dispatches nothing.
         On cancellation: see the module docstring.
         """
         validate_ok_for_update(update)
