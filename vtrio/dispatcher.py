@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from enum import IntEnum
 from typing import Any
 
@@ -189,6 +189,7 @@ class Dispatcher:
         self._close_timeout = close_timeout
         self._client_left = trio.lowlevel.ParkingLot()
         self._closing_with: tuple[int, str] | None = None
+        self._admitting = 0
 
     @property
     def clients(self) -> frozenset[Client]:
@@ -196,7 +197,22 @@ class Dispatcher:
 
     @property
     def connection_count(self) -> int:
-        return len(self._clients)
+        """Open connections, those still in their handshake included."""
+        return len(self._clients) + self._admitting
+
+    @property
+    def closing(self) -> bool:
+        """Every connection is being closed; new ones are turned away."""
+        return self._closing_with is not None
+
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Count a connection that is still in its handshake."""
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
 
     def dispatch(self, interface: str, operation: str, data: Any, subject: Any = None) -> None:
         """Send a change message to every connection that may see it. Never waits.

@@ -112,7 +112,6 @@ class _Endpoint:
         self._authenticate = authenticate
         self._on_message = on_message
         self._limits = limits
-        self._handshakes = 0
 
     async def connection(self, socket_stream: trio.SocketStream) -> None:
         """One TCP connection, start to end, in the dispatcher's nursery.
@@ -124,7 +123,10 @@ class _Endpoint:
         client: Client | None = None
         try:
             async with trio.open_nursery() as nursery:  # trio-websocket's reader runs here
-                with trio.move_on_after(self._limits.handshake_timeout):
+                with (
+                    self._dispatcher.admitting(),
+                    trio.move_on_after(self._limits.handshake_timeout),
+                ):
                     request = await wrap_server_stream(
                         nursery, stream, max_message_size=self._limits.max_message_size
                     )
@@ -151,16 +153,16 @@ class _Endpoint:
         if target.path != PATH:
             await request.reject(404, body=b"no such endpoint: connect to /ws\n")
             return None
-        if self._dispatcher.connection_count + self._handshakes >= self._limits.max_connections:
+        # This connection is one of those counted, hence ">".
+        if self._dispatcher.connection_count > self._limits.max_connections:
             await request.reject(503, body=b"too many connections: try again later\n")
             return None
         query = parse_qs(target.query)
-        self._handshakes += 1
-        try:
-            identity = await self._authenticate(_presented_key(request, query))
-            websocket = await request.accept()
-        finally:
-            self._handshakes -= 1
+        identity = await self._authenticate(_presented_key(request, query))
+        if self._dispatcher.closing:  # the server is stopping
+            await request.reject(503, body=b"the server is shutting down\n")
+            return None
+        websocket = await request.accept()
         if identity is None:
             await websocket.aclose(CloseCode.UNAUTHENTICATED, "a valid API key is required")
             return None
