@@ -70,18 +70,6 @@ async def test_datetimes_and_object_ids_are_strings(app: App) -> None:
     assert message["data"] == {"id": str(inserted["_id"]), "at": "2024-05-06T07:08:09Z"}
 
 
-async def write() -> None:
-                await app.db.notes.insert_one({"_id": "cancelled"})
-
-            nursery.start_soon(write)
-            await trio.testing.wait_all_tasks_blocked()  # the write is now in its thread
-            nursery.cancel_scope.cancel()
-        message = await receive_json(client)
-    assert message["data"]["id"] == "cancelled"
-    assert await app.db.notes.find_one({"_id": "cancelled"}) is not None
-    assert await app.db.notes.find_one({"_id": "never"}) is None
-
-
 async def test_a_backlog_is_coalesced_and_batch_0_is_not(
     mongodb_url: str, db_name: str, tmp_path: Path
 ) -> None:
