@@ -4,46 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
+from vtrio.access import may_receive
+from vtrio.auth import Identity
 from vtrio.encoding import dumps
 
 log = logging.getLogger(__name__)
-
-
-class Identity:
-    __slots__ = ("admin", "groups", "key_id", "user_id")
-
-    def __init__(self, user_id: str, admin: bool, groups: frozenset[str], key_id: str) -> None:
-        self.user_id = user_id
-        self.admin = admin
-        self.groups = groups
-        self.key_id = key_id
-
-
-def can_read(identity: Identity, document: Mapping[str, Any]) -> bool:
-    return _allowed(identity, document, "read")
-
-
-def can_write(identity: Identity, document: Mapping[str, Any]) -> bool:
-    return _allowed(identity, document, "write")
-
-
-def _allowed(identity: Identity, document: Mapping[str, Any], right: str) -> bool:
-    # The same rule as vtrio.access, so both servers do the same checks.
-    return (
-        identity.admin
-        or document.get("user") == identity.user_id
-        or bool(document.get(f"all_{right}"))
-        or (bool(document.get(f"group_{right}")) and document.get("group") in identity.groups)
-    )
-
-
-def may_receive(identity: Identity, data: Any) -> bool:
-    return not isinstance(data, Mapping) or can_read(identity, data.get("access", data))
 
 
 class Connection:

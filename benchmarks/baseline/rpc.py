@@ -9,14 +9,15 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pydantic
-from pydantic import StringConstraints
 from pymongo.errors import DuplicateKeyError
 
 from benchmarks.baseline.db import message_data
-from benchmarks.baseline.dispatcher import Connection, can_read, can_write
+from benchmarks.baseline.dispatcher import Connection
+from vtrio import jobs, samples
+from vtrio.access import RIGHTS, access_of, can_read, can_write
 from vtrio.encoding import dumps
 
 if TYPE_CHECKING:
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 16
-RIGHTS = ("group_read", "group_write", "all_read", "all_write")
-
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
-Text = Annotated[str, StringConstraints(strip_whitespace=True, max_length=1024)]
-Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class RpcError(Exception):
@@ -38,41 +34,12 @@ class RpcError(Exception):
         self.code = code
 
 
-class Params(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True, str_max_length=10_000)
-
-
-class CreateSample(Params):
-    name: Name
-    reads: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-    host: Text = ""
-    isolate: Text = ""
-    group: Name | None = None
-    group_read: bool = False
-    group_write: bool = False
-    all_read: bool = False
-    all_write: bool = False
-
-
-class ById(Params):
-    id: Id
-
-
-class UpdateSample(Params):
-    id: Id
-    name: Name | None = None
-    host: Text | None = None
-    isolate: Text | None = None
-    group: Name | None = None
-    group_read: bool | None = None
-    group_write: bool | None = None
-    all_read: bool | None = None
-    all_write: bool | None = None
-
-
-class CreateJob(Params):
-    task: Literal["sample_stats"]
-    sample_id: Id
+# The same parameters as vtrio's methods, validated by the same models: the same work.
+Params = pydantic.BaseModel
+CreateSample = samples.CreateParams
+ById = samples.IdParams
+UpdateSample = samples.UpdateParams
+CreateJob = jobs.CreateParams
 
 
 def _check_reads(uploads: Path, name: str) -> None:
@@ -136,7 +103,7 @@ async def samples_update(state: State, conn: Connection, p: UpdateSample) -> Any
     if updated is None:
         raise RpcError(f"no sample {p.id!r}", 404)
     if changes.keys() & {"group", *RIGHTS}:
-        access = {f: updated.get(f) for f in ("user", "group", *RIGHTS)}
+        access = access_of(updated)
         await state.db.jobs.update_many({"sample_id": p.id}, {"$set": {"access": access}}, True)
     return message_data(updated)
 
@@ -149,7 +116,7 @@ async def jobs_create(state: State, conn: Connection, p: CreateJob) -> Any:
             "task": p.task,
             "sample_id": p.sample_id,
             "user": conn.identity.user_id,
-            "access": {f: sample.get(f) for f in ("user", "group", *RIGHTS)},
+            "access": access_of(sample),
             "state": "waiting",
             "progress": 0,
             "created_at": datetime.now(UTC),

@@ -55,8 +55,13 @@ async def authenticate(db: Database, key: str | None) -> Identity | None:
     user = await db.users.find_one({"_id": record["user_id"]})
     if user is None:
         return None
-    return Identity(user["_id"], bool(user.get("admin")), frozenset(user.get("groups", [])),
-                    record["_id"])  # fmt: skip
+    return Identity(
+        user_id=user["_id"],
+        name=user["name"],
+        admin=bool(user.get("admin")),
+        groups=frozenset(user.get("groups", [])),
+        key_id=record["_id"],
+    )
 
 
 def _presented_key(request: web.Request) -> str | None:
