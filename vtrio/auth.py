@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -103,23 +104,31 @@ async def revoke_key(db: Database, key_id: str) -> None:
         raise AuthError(f"no key with id {key_id!r}: `vtrio keys list USER` shows the ids")
 
 
-async def authenticate(db: Database, key: str | None) -> Identity | None:
-    """The identity a key stands for, or None for a missing, wrong or revoked key."""
-    if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
-        return None
-    record = await db.keys.find_one({"hash": hash_key(key)})
-    if record is None:
-        return None
-    user = await db.users.find_one({"_id": record["user_id"]})
-    if user is None:
-        return None
+def well_formed(key: str) -> bool:
+    """Whether ``key`` could be a key at all (not worth a database look-up otherwise)."""
+    return key.startswith(KEY_PREFIX) and len(key) <= 200
+
+
+def identity_of(user: Mapping[str, Any], key_record: Mapping[str, Any]) -> Identity:
+    """The identity of ``user``, authenticated by the key ``key_record`` describes."""
     return Identity(
         user_id=user["_id"],
         name=user["name"],
         admin=bool(user.get("admin")),
         groups=frozenset(user.get("groups", [])),
-        key_id=record["_id"],
+        key_id=key_record["_id"],
     )
+
+
+async def authenticate(db: Database, key: str | None) -> Identity | None:
+    """The identity a key stands for, or None for a missing, wrong or revoked key."""
+    if not key or not well_formed(key):
+        return None
+    record = await db.keys.find_one({"hash": hash_key(key)})
+    if record is None:
+        return None
+    user = await db.users.find_one({"_id": record["user_id"]})
+    return None if user is None else identity_of(user, record)
 
 
 async def valid_key_ids(db: Database, key_ids: set[str]) -> set[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import os
 import socket
@@ -24,12 +23,12 @@ from pymongo import AsyncMongoClient
 
 from benchmarks.baseline import rpc
 from benchmarks.baseline.db import Database
-from benchmarks.baseline.dispatcher import Connection, Dispatcher, Identity
+from benchmarks.baseline.dispatcher import Connection, Dispatcher
 from benchmarks.baseline.jobs import JobRunner
+from vtrio.auth import Identity, hash_key, identity_of, well_formed
 
 log = logging.getLogger("baseline")
 
-KEY_PREFIX = "vt_"
 STATE: web.AppKey[State] = web.AppKey("state")
 
 
@@ -47,21 +46,13 @@ class State:
 
 async def authenticate(db: Database, key: str | None) -> Identity | None:
     """The same lookups as vtrio.auth.authenticate: the key by its hash, then its user."""
-    if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+    if not key or not well_formed(key):
         return None
-    record = await db.keys.find_one({"hash": hashlib.sha256(key.encode()).hexdigest()})
+    record = await db.keys.find_one({"hash": hash_key(key)})
     if record is None:
         return None
     user = await db.users.find_one({"_id": record["user_id"]})
-    if user is None:
-        return None
-    return Identity(
-        user_id=user["_id"],
-        name=user["name"],
-        admin=bool(user.get("admin")),
-        groups=frozenset(user.get("groups", [])),
-        key_id=record["_id"],
-    )
+    return None if user is None else identity_of(user, record)
 
 
 def _presented_key(request: web.Request) -> str | None:
