@@ -259,8 +259,10 @@ class JobRunner:
             except Exception as exc:
                 log.warning("job %s failed: %s", job["_id"], exc, exc_info=not _expected(exc))
                 await self._finish(job, "error", error=str(exc) or type(exc).__name__)
-            except BaseException:  # the runner itself is cancelled: the server is stopping
-                await self._finish(job, "waiting", progress=0)
+            except BaseException:
+                # The runner itself is stopping: its exit puts this job back to "waiting",
+                # with the others, in one write.
+                log.info("job %s (%s): stopped, to run again", job["_id"], job.get("task"))
                 raise
             else:
                 if running.scope.cancelled_caught:
