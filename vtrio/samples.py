@@ -185,11 +185,12 @@ async def update(call: Call, params: UpdateParams) -> dict[str, Any]:
 async def delete(call: Call, params: IdParams) -> dict[str, Any]:
     """Delete the sample and cancel its waiting or running jobs (which stay, as history)."""
     await writable_sample(call, params.id)  # 404 or 403, as for update
+    # Jobs first: a job that found its sample gone would end in "error", not "cancelled".
+    await call.app.jobs.cancel_sample(params.id)
     query = {"$and": [{"_id": params.id}, access.writable_filter(call.identity)]}
     deleted = await call.app.db.samples.delete_one(query)
     if deleted is None:
         raise NotFound(f"no sample {params.id!r}")
-    await call.app.jobs.cancel_sample(params.id)
     return {"id": params.id}
 
 
