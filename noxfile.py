@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "lint"]
@@ -12,9 +14,21 @@ SOURCES = ["vtrio", "tests", "benchmarks", "noxfile.py"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite, against a real mongod the session starts and stops itself."""
+    """The test suite, against a real mongod the session starts and stops itself, and a real
+    Chromium (Debian's, installed here when missing) for the dashboard."""
     session.install("-e", ".[test]")
+    install_browser_tools(session)
     session.run("pytest", *session.posargs)
+
+
+def install_browser_tools(session: nox.Session) -> None:
+    """Chromium from Debian (as root, when it is missing) and the Node packages the browser
+    tests drive it with (playwright-core and ws, as locked in tests/browser)."""
+    if shutil.which("chromium") is None:
+        apt = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-q", external=True, env=apt)
+        session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=apt)
+    session.run("npm", "ci", "--prefix", "tests/browser", "--no-audit", "--no-fund", external=True)
 
 
 @nox.session

@@ -49,7 +49,8 @@ DEADLINE = 30.0
 async def run(ctx: Context) -> None:
     n = ctx.sizes.clients
     reads = ctx.fastq_files()[0].name
-    for side in ctx.sides():
+
+    async def measure(side: str) -> None:
         async with running_server(ctx, side, processes=2, jobs=JOBS) as server:
             ids = await server.create_samples(10, reads)
             job_samples = await server.create_samples(JOBS, reads)
@@ -98,6 +99,8 @@ async def run(ctx: Context) -> None:
             f"workers before, {processes_left} processes and {threads_left} threads left; "
             f"jobs afterwards: {job_states}"
         )
+
+    await ctx.each_side(measure)
 
 
 async def _write(writer: WriterProcess, ids: list[str]) -> None:

@@ -9,7 +9,8 @@ prints one JSON line: ``{"runs": [{"return_s": ..., "stop_s": ...}, ...]}``.
 
 Cases: ``thread-wait``, ``thread-abandon``, ``thread-cooperative`` (the work calls
 ``trio.from_thread.check_cancelled()`` between beats), ``process-trio-parallel``,
-``process-pool``, ``http``.
+``process-pool`` (``benchmarks.process_pool``: the ``ProcessPoolExecutor`` design that
+trio-parallel replaces), ``http``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,8 @@ from typing import Any
 import trio
 
 from benchmarks import work
-from vtrio.executors import ProcessBackend, open_executors
-from vtrio.http import open_http_client
+from benchmarks.process_pool import open_process_pool
+from vtrio.framework import open_executors, open_http_client
 
 CASES = (
     "thread-wait",
@@ -75,14 +77,16 @@ async def wait_until_stopped(heartbeat: str, limit_s: float) -> int:
 
 
 async def cpu_case(case: str, args: argparse.Namespace, folder: Path) -> list[dict[str, float]]:
-    backend: ProcessBackend = "process-pool" if case == "process-pool" else "trio-parallel"
     heartbeat = str(folder / "heartbeat")
     runs = []
-    async with open_executors(threads=4, processes=1, process_backend=backend) as executors:
+    async with open_executors(threads=4, processes=1) as executors, AsyncExitStack() as stack:
+        run_in_process: Callable[..., Awaitable[Any]] = executors.run_in_process
+        if case == "process-pool":
+            run_in_process = (await stack.enter_async_context(open_process_pool(1))).run
         for _ in range(args.runs):
             work.new_heartbeat(heartbeat)
             if case.startswith("process"):
-                await executors.run_in_process(work.noop)  # the worker exists before timing
+                await run_in_process(work.noop)  # the worker exists before timing
 
             def start() -> Awaitable[Any]:
                 if case == "thread-wait":
@@ -96,7 +100,7 @@ async def cpu_case(case: str, args: argparse.Namespace, folder: Path) -> list[di
                         work.busy, heartbeat, args.work_seconds,
                         trio.from_thread.check_cancelled,
                     )  # fmt: skip
-                return executors.run_in_process(work.busy, heartbeat, args.work_seconds)
+                return run_in_process(work.busy, heartbeat, args.work_seconds)
 
             cancelled, returned = await measure(start, args.cancel_after)
             last = await wait_until_stopped(heartbeat, args.work_seconds + 2)

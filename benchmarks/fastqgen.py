@@ -29,7 +29,7 @@ def block(seed: int = 1) -> bytes:
 
 
 def seconds_per_byte(data: bytes) -> float:
-    from vtrio.fastq import chunk_stats
+    from vtrio.virtool import chunk_stats
 
     chunk_stats(b"", data, True, 1, 0)  # warm up
     started = time.perf_counter()

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,9 @@ from benchmarks.report import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-BENCHMARKS = ("shutdown", "cancel", "fanout", "slow_client", "offload", "memory")
+BENCHMARKS = (
+    "shutdown", "cancel", "fanout", "slow_client", "fairness", "cluster", "offload", "memory",
+)  # fmt: skip
 """Run order. Each name is a module ``benchmarks.bench_<name>`` with ``run(ctx)``."""
 
 
@@ -62,19 +64,20 @@ class Sizes:
     cancel_runs: int  # measurements per cancellation case per repetition
     offload_ops: int  # operations per offload measurement
     work_seconds: float  # length of a cancellation case's work if nothing stops it
+    connections: int  # the most idle connections the memory benchmark opens
 
 
 FULL = Sizes(
     repeat=3, clients=1000, window=3.0, job_seconds=10, cancel_runs=2, offload_ops=1000,
-    work_seconds=2.0,
+    work_seconds=2.0, connections=10_000,
 )  # fmt: skip
 QUICK = Sizes(
     repeat=1, clients=1000, window=1.5, job_seconds=10, cancel_runs=2, offload_ops=300,
-    work_seconds=1.0,
+    work_seconds=1.0, connections=10_000,
 )  # fmt: skip
 SMOKE = Sizes(
     repeat=1, clients=20, window=0.5, job_seconds=1, cancel_runs=1, offload_ops=50,
-    work_seconds=1.0,
+    work_seconds=1.0, connections=100,
 )  # fmt: skip
 
 
@@ -124,6 +127,20 @@ class Context:
         """Both sides, in an order that alternates between repetitions (drift hits both)."""
         return (VTRIO, BASELINE) if self.repetition % 2 == 0 else (BASELINE, VTRIO)
 
+    async def each_side(
+        self, measure: Callable[[str], Awaitable[object]], *, at_once_in_smoke: bool = True
+    ) -> None:
+        """``await measure(side)`` for both sides, in :meth:`sides` order; in the smoke test,
+        both at once (it checks that they run and report, not how fast: it must be short),
+        unless ``at_once_in_smoke`` is false."""
+        if not (self.options.smoke and at_once_in_smoke):
+            for side in self.sides():
+                await measure(side)
+            return
+        async with trio.open_nursery() as nursery:
+            for side in self.sides():
+                nursery.start_soon(measure, side)
+
     def log(self, message: str) -> None:
         elapsed = time.monotonic() - self._started
         print(f"[{elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -172,6 +189,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="deliveries/s of the fixed-rate latency measurement: the writer sends RATE/N "
         "writes/s to N clients (default 5000, a moderate load for both servers on 2 cores)",
     )  # fmt: skip
+    parser.add_argument(
+        "--connections", type=int,
+        help="the most idle connections the memory benchmark holds (default 10000)",
+    )  # fmt: skip
     parser.add_argument("--window", type=float, help="seconds per throughput/latency window")
     parser.add_argument("--mongodb-url", help="use this MongoDB instead of starting a mongod")
     parser.add_argument("--no-save", action="store_true", help="do not write results JSON")
@@ -192,6 +213,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         cancel_runs=base.cancel_runs,
         offload_ops=base.offload_ops,
         work_seconds=base.work_seconds,
+        connections=args.connections or base.connections,
     )
     if sizes.clients < 1 or sizes.repeat < 1:
         parser.error("--clients and --repeat must be at least 1")
@@ -313,7 +335,7 @@ async def _mongodb(options: Options, workdir: Path) -> AsyncIterator[str]:
         async with nullcontext(options.mongodb_url) as url:
             yield url
         return
-    from vtrio.mongod import run_mongod
+    from vtrio.framework import run_mongod
 
     async with run_mongod(workdir / "mongod") as url:
         yield url

@@ -1,9 +1,12 @@
-"""vtrio's side of the offload benchmark: MongoDB round trips through ``vtrio.db``, and the same
-calls made with pymongo directly from one thread (the floor the offload is measured against).
+"""vtrio's side of the offload benchmark: MongoDB round trips through vtrio's database layer
+(``vtrio.framework.open_database``), and the same calls made with pymongo directly from one
+thread (the floor the offload is measured against).
 
 ``python -m benchmarks.offload_probe vtrio|pymongo --url URL --db NAME --ops N`` prints one
-JSON line: seconds per ``find_one`` by id and per ``insert_one`` (with dispatch, for vtrio) one
-call at a time, and ``find_one`` calls per second with 32 callers at once (vtrio only).
+JSON line: seconds per ``find_one`` by id and per ``insert_one`` one call at a time (for vtrio,
+``insert_one`` returns after the write fence: once its change feed has read the insert and
+handed it to its subscribers), and ``find_one`` calls per second with 32 callers at once (vtrio
+only).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pymongo
@@ -42,18 +46,22 @@ def _pymongo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _vtrio(args: argparse.Namespace) -> dict[str, Any]:
-    from vtrio.db import open_database
+    from vtrio.framework import open_database
+    from vtrio.virtool import COLLECTIONS
 
     dispatched = 0
 
-    def dispatch(interface: str, operation: str, data: Any, subject: Any) -> None:
+    def publish(changes: Sequence[Any]) -> None:
         nonlocal dispatched
-        dispatched += 1
+        dispatched += len(changes)
 
-    async with open_database(args.url, args.db, dispatch=dispatch) as db:
+    # The write's full price: it returns once the change feed has dispatched it.
+    async with open_database(args.url, args.db, collections=COLLECTIONS) as db:
+        assert db.changes is not None
+        db.changes.subscribe(publish)
         ids = [secrets.token_hex(8) for _ in range(args.ops)]
         for i in ids[:10]:
-            await db.samples.insert_one({"_id": "w" + i, "name": i})
+            await db.samples.insert_one({"_id": "w" + i, "name": "w" + i})
             await db.samples.find_one({"_id": "w" + i})
         started = time.perf_counter()
         for i in ids:
@@ -73,8 +81,8 @@ async def _vtrio(args: argparse.Namespace) -> dict[str, Any]:
             for k in range(CONCURRENCY):
                 nursery.start_soon(reader, ids[k::CONCURRENCY])
         concurrent = len(ids) / (time.perf_counter() - started)
+        assert dispatched >= len(ids)
         await db.command("dropDatabase")
-    assert dispatched >= len(ids)
     return {"find_one_s": find, "insert_one_s": insert, "find_one_concurrent_per_s": concurrent}
 
 

@@ -282,6 +282,8 @@ def machine() -> dict[str, Any]:
                 "trio",
                 "trio-websocket",
                 "trio-parallel",
+                "wsproto",
+                "h11",
                 "httpx",
                 "pymongo",
                 "aiohttp",

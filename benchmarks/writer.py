@@ -7,6 +7,8 @@
   in flight on each connection for ``s`` seconds (or until the connections close).
 - ``{"cmd": "run", "mode": "rate", "rate": r, "duration": s, "ids": [...]}``: start one call
   every ``1/r`` s, round-robin over the connections, whatever the answers take.
+- ``{"cmd": "stop"}``: end the ``run`` in progress now (its calls in flight are awaited, then
+  it answers as usual); no answer of its own.
 - ``{"cmd": "close"}``: close the connections and exit.
 
 Every call sets ``host`` to ``bench-ts-<time.monotonic_ns()>``, the instant it was sent: the
@@ -35,6 +37,7 @@ class Writer:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.rpcs: list[RpcClient] = []
+        self.stopped = trio.Event()
 
     async def connect(self, url: str, key: str, connections: int) -> dict[str, Any]:
         for _ in range(connections):
@@ -50,7 +53,7 @@ class Writer:
         sent = ok = 0
         errors: Counter[str] = Counter()
         rtts: list[int] = []
-        closed = trio.Event()
+        closed = self.stopped  # a stop command ends the run like a lost connection
 
         async def update(rpc: RpcClient) -> None:
             nonlocal sent, ok
@@ -109,8 +112,21 @@ class Writer:
 async def main() -> None:
     stdin = trio.lowlevel.FdStream(os.dup(0))
     buffer = b""
+
+    def answer(value: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(value) + "\n")
+        sys.stdout.flush()
+
+    async def run(command: dict[str, Any], done: trio.Event) -> None:
+        try:
+            answer(await writer.run(command))
+        finally:
+            done.set()
+
     async with trio.open_nursery() as nursery:
         writer = Writer(nursery)
+        running = trio.Event()
+        running.set()  # no run in progress
         while True:
             while b"\n" not in buffer:
                 chunk = await stdin.receive_some(1 << 16)
@@ -120,22 +136,24 @@ async def main() -> None:
                 buffer += chunk
             line, _, buffer = buffer.partition(b"\n")
             command = json.loads(line)
-            if command["cmd"] == "connect":
-                answer = await writer.connect(
+            if command["cmd"] == "stop":
+                writer.stopped.set()
+                continue
+            await running.wait()  # one command at a time; only a stop overtakes a run
+            if command["cmd"] == "run":
+                running, writer.stopped = trio.Event(), trio.Event()
+                nursery.start_soon(run, command, running)
+            elif command["cmd"] == "connect":
+                answer(await writer.connect(
                     command["url"], command["key"], command.get("connections", 1)
-                )
-            elif command["cmd"] == "run":
-                answer = await writer.run(command)
+                ))  # fmt: skip
             elif command["cmd"] == "close":
                 await writer.close()
-                sys.stdout.write('{"ok": true}\n')
-                sys.stdout.flush()
+                answer({"ok": True})
                 nursery.cancel_scope.cancel()
                 return
             else:
-                answer = {"error": f"unknown command {command['cmd']!r}"}
-            sys.stdout.write(json.dumps(answer) + "\n")
-            sys.stdout.flush()
+                answer({"error": f"unknown command {command['cmd']!r}"})
 
 
 if __name__ == "__main__":

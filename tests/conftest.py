@@ -17,7 +17,7 @@ import pymongo
 import pytest
 import trio
 
-from vtrio.mongod import run_mongod
+from vtrio.framework import run_mongod
 
 
 class SessionMongod:

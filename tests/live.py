@@ -16,8 +16,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from vtrio import auth
+from vtrio import virtool
 from vtrio.config import Settings
+from vtrio.framework import Change, Operation
 from vtrio.server import App, open_app
 
 
@@ -41,10 +42,17 @@ async def running_app(settings: Settings) -> AsyncIterator[App]:
         yield app
 
 
+def publish(app: App, operation: Operation, document: dict[str, Any]) -> None:
+    """Hand the hub a change to ``notes`` (a collection without rules), as a write would."""
+    fields = {key: value for key, value in document.items() if key != "id"}
+    after = {"_id": document.get("id"), **fields} if operation != "delete" else None
+    app.hub.publish([Change("notes", operation, document.get("id"), after=after)])
+
+
 async def new_key(app: App, user: str = "alice", **user_options: Any) -> str:
     if await app.db.users.find_one({"name": user}) is None:
-        await auth.create_user(app.db, user, **user_options)
-    _, key = await auth.create_key(app.db, user)
+        await virtool.create_user(app.db, user, **user_options)
+    _, key = await virtool.create_key(app.db, user)
     return key
 
 

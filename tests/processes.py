@@ -24,6 +24,7 @@ class VtrioProcess:
         self.lines: list[str] = []
         self._new_line = trio.lowlevel.ParkingLot()
         self.url: str | None = None
+        self.output_ended = False  # its stderr is closed: it has exited (or is exiting)
 
     @property
     def output(self) -> str:
@@ -39,6 +40,7 @@ class VtrioProcess:
             self._new_line.unpark_all()
         if buffer:
             self.lines.append(buffer.decode(errors="replace"))
+        self.output_ended = True
         self._new_line.unpark_all()
 
     async def wait_for_line(self, pattern: re.Pattern[str] | str, timeout: float = 60) -> re.Match:
@@ -50,8 +52,11 @@ class VtrioProcess:
                     if match := pattern.search(line):
                         return match
                 seen = len(self.lines)
-                if self.process.returncode is not None and seen == len(self.lines):
-                    raise AssertionError(f"vtrio exited before {pattern.pattern!r}:\n{self.output}")
+                if self.output_ended:  # no line will come: the process has gone
+                    code = await self.process.wait()
+                    raise AssertionError(
+                        f"vtrio exited ({code}) before {pattern.pattern!r}:\n{self.output}"
+                    )
                 await self._new_line.park()
 
     async def wait_ready(self, timeout: float = 60) -> str:

@@ -11,17 +11,17 @@ import pytest
 
 from tests.live import settings_for
 from tests.rpc_client import RpcClient, is_change, rpc_client
-from vtrio.access import (
+from vtrio.framework import FORBIDDEN, NOT_FOUND
+from vtrio.server import App, open_app
+from vtrio.virtool import (
+    COLLECTIONS,
     RIGHTS,
+    Identity,
     can_read,
     can_write,
-    may_receive,
     readable_filter,
     writable_filter,
 )
-from vtrio.auth import Identity
-from vtrio.rpc import FORBIDDEN, NOT_FOUND
-from vtrio.server import App, open_app
 
 READS = b"@r\nACGT\n+\nIIII\n"
 
@@ -83,13 +83,13 @@ async def test_a_private_sample_reaches_no_one_else_until_shared(app: App) -> No
         admin_saw = await admin.change(is_change("samples", "insert", id=private))
         assert admin_saw["data"]["host"] == "secret host"
 
-        # Shared with everyone: bob is told (the update), and reads it every way.
+        # Shared with everyone: to bob it is new (an insert), and he reads it every way.
         await alice.call("samples.update", {"id": private, "all_read": True})
-        shared = await bob.change(is_change("samples", "update", id=private))
+        shared = await bob.change(is_change("samples", "insert", id=private))
         assert shared["data"]["all_read"] is True
         assert shared["data"]["host"] == "secret host"
         # Its jobs follow it: bob hears of the job, and may read it.
-        job_shared = await bob.change(is_change("jobs", "update", id=job["id"]))
+        job_shared = await bob.change(is_change("jobs", "insert", id=job["id"]))
         assert job_shared["data"]["access"]["all_read"] is True
         assert (await bob.call("samples.get", {"id": private}))["name"] == "private"
         assert private in [s["id"] for s in (await bob.call("samples.list"))["items"]]
@@ -98,8 +98,11 @@ async def test_a_private_sample_reaches_no_one_else_until_shared(app: App) -> No
         error = await bob.fails("samples.update", {"id": private, "host": "mine now"})
         assert error.code == FORBIDDEN
 
-        # Unshared again: bob is not told of later changes.
+        # Unshared again: to bob it is gone (a delete, carrying only the ids), and he is not
+        # told of later changes.
         await alice.call("samples.update", {"id": private, "all_read": False})
+        assert (await bob.change(is_change("samples", "delete")))["data"] == [private]
+        assert (await bob.change(is_change("jobs", "delete")))["data"] == [job["id"]]
         await alice.call("samples.update", {"id": private, "host": "new secret"})
         assert (await bob.fails("samples.get", {"id": private})).code == NOT_FOUND
         await nothing_more_for(bob, admin, "marker-2")
@@ -115,7 +118,7 @@ async def test_group_rights(app: App) -> None:
         assert (await carol.fails("samples.get", {"id": grouped})).code == NOT_FOUND
 
         await alice.call("samples.update", {"id": grouped, "group_read": True})
-        assert (await carol.change(is_change("samples", "update", id=grouped)))["data"]
+        assert (await carol.change(is_change("samples", "insert", id=grouped)))["data"]
         assert (await carol.call("samples.get", {"id": grouped}))["group"] == "lab"
         assert (await dave.fails("samples.get", {"id": grouped})).code == NOT_FOUND
         assert (await carol.fails("samples.update", {"id": grouped, "host": "x"})).code == 403
@@ -162,7 +165,8 @@ async def changes_until(client: RpcClient, last_id: str) -> list[tuple[str, obje
 
 async def test_the_filters_are_the_rule(app: App) -> None:
     """The MongoDB filters that answer list calls decide exactly as the rule that answers get
-    calls and dispatching: checked on every combination of owner, group and rights."""
+    calls and change messages: checked on every combination of owner, group and rights, and on
+    documents of shapes another program may have written."""
     documents = [
         {"_id": index, "user": user, "group": group, **dict(zip(RIGHTS, rights, strict=True))}
         for index, (user, group, rights) in enumerate(
@@ -171,20 +175,31 @@ async def test_the_filters_are_the_rule(app: App) -> None:
             )
         )
     ]
-    await app.db.rules.insert_many(documents, silent=True)
+    malformed = [
+        {"user": ["bob"], "all_read": True},  # an array where a string belongs
+        {"user": 7, "all_read": True},
+        {"user": "alice", "group": ["lab"], "group_read": True},
+        {"user": "bob", "all_read": "yes"},  # a right that is not true or false
+        {"group": "lab", "group_read": True},  # no owner at all
+    ]
+    documents += [{"_id": len(documents) + n, **doc} for n, doc in enumerate(malformed)]
+    await app.db.rules.insert_many(documents)
     identities = [
         Identity("bob", "bob", False, frozenset({"lab"}), "k1"),
         Identity("carol", "carol", False, frozenset(), "k2"),
         Identity("root", "root", True, frozenset(), "k3"),
     ]
+    samples, jobs = COLLECTIONS["samples"], COLLECTIONS["jobs"]
     for identity in identities:
         readable = {doc["_id"] for doc in await app.db.rules.find(readable_filter(identity))}
         writable = {doc["_id"] for doc in await app.db.rules.find(writable_filter(identity))}
         assert readable == {doc["_id"] for doc in documents if can_read(identity, doc)}
         assert writable == {doc["_id"] for doc in documents if can_write(identity, doc)}
         assert writable <= readable
-        assert all(may_receive(identity, doc) == can_read(identity, doc) for doc in documents)
-        jobs = [{"access": doc} for doc in documents]
-        assert all(may_receive(identity, job) == can_read(identity, job["access"]) for job in jobs)
-    # The combinations cover both answers.
+        assert all(samples.sees(identity, doc) == can_read(identity, doc) for doc in documents)
+        assert all(jobs.sees(identity, {"access": d}) == can_read(identity, d) for d in documents)
+        # Unknown documents and jobs that carry no access fields: administrators only.
+        assert samples.sees(identity, None) == jobs.sees(identity, {"state": "x"}) == identity.admin
+    # Malformed documents are an administrator's only; the combinations cover both answers.
+    assert not any(can_read(identities[0], doc) for doc in documents[-len(malformed) :])
     assert 0 < sum(can_read(identities[0], doc) for doc in documents) < len(documents)

@@ -16,8 +16,9 @@ import pytest
 import trio
 
 from tests.processes import run_vtrio, vtrio_process
-from vtrio import auth
-from vtrio.db import open_database
+from vtrio import virtool
+from vtrio.framework import open_database
+from vtrio.virtool import COLLECTIONS
 
 
 @dataclass
@@ -35,9 +36,9 @@ def admin_args(mongodb_url: str, db_name: str, data_dir: Path) -> list[str]:
 async def server(mongodb_url: str, db_name: str, tmp_path: Path) -> AsyncIterator[Server]:
     """A server, and a key of alice's (made in-process: test_cli_users makes one with the CLI)."""
     admin = admin_args(mongodb_url, db_name, tmp_path)
-    async with open_database(mongodb_url, db_name, dispatch=lambda *message: None) as db:
-        await auth.create_user(db, "alice", groups=["lab"])
-        _, key = await auth.create_key(db, "alice")
+    async with open_database(mongodb_url, db_name, collections=COLLECTIONS, watch=False) as db:
+        await virtool.create_user(db, "alice", groups=["lab"])
+        _, key = await virtool.create_key(db, "alice")
     (tmp_path / "uploads").mkdir()
     (tmp_path / "uploads" / "r.fq").write_bytes(b"@r\nACGT\n+\nIIII\n")
     async with vtrio_process(["--port", "0", "--shutdown-timeout", "5", *admin]) as process:

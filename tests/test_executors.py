@@ -1,10 +1,13 @@
 """Tests for vtrio.executors, with real threads and real worker processes (no mocks).
 
 Process jobs live in tests/executor_jobs.py so that workers can import them, and report what
-they do through files in tmp_path. Waiting is done by polling the observable state with a
-deadline (`eventually`), never by sleeping and hoping.
+they do through files in tmp_path; thread jobs live here and report through threading.Events.
+Waiting is done by polling the observable state with a deadline (`eventually`), never by
+sleeping and hoping; "the caller is still waiting" is checked once every task is blocked
+(`trio.testing.wait_all_tasks_blocked`), when it could only have returned already.
 """
 
+import errno
 import functools
 import os
 import signal
@@ -19,25 +22,19 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
-import vtrio.executors
+import vtrio.framework._executors
 from tests import executor_jobs as jobs
-from vtrio.executors import (
-    PROCESS_BACKENDS,
+from vtrio.framework._executors import (
     ExecutorError,
     NotPicklable,
-    ProcessBackend,
     WorkerCrashed,
     open_executors,
 )
 
 PROJECT_DIR = Path(__file__).parent.parent
-OUR_SOURCE_FILES = {vtrio.executors.__file__, jobs.__file__, __file__}
-
-
-@pytest.fixture(params=PROCESS_BACKENDS)
-def backend(request: pytest.FixtureRequest) -> ProcessBackend:
-    return request.param  # type: ignore[no-any-return]
+OUR_SOURCE_FILES = {vtrio.framework._executors.__file__, jobs.__file__, __file__}
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -53,10 +50,6 @@ async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> Non
 
 def started(markers: Path) -> list[Path]:
     return list(markers.glob("started-*"))
-
-
-def finished(markers: Path) -> list[Path]:
-    return list(markers.glob("finished-*"))
 
 
 def read_pid(path: Path) -> int:
@@ -115,13 +108,51 @@ def blocking_job(started: threading.Event, finished: threading.Event, seconds: f
 
 
 def gated_thread_job(
-    started: threading.Event, gate: threading.Event, finished: threading.Event
+    started: threading.Event,
+    gate: threading.Event,
+    finished: threading.Event,
+    error: Exception | None = None,
 ) -> str:
     started.set()
     if not gate.wait(timeout=20):
         raise TimeoutError("gate never opened")
     finished.set()
+    if error is not None:
+        raise error
     return "done"
+
+
+class FifoReader:
+    """A thread job stuck in a blocking call: opening a FIFO that nobody opens for writing.
+
+    No timeout can end it: ``os.open`` returns only once `release` opens the FIFO for writing.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.fifo = folder / "fifo"
+        os.mkfifo(self.fifo)
+        self.entered = threading.Event()
+        self.returned = threading.Event()
+        self.in_daemon_thread: bool | None = None
+
+    def __call__(self) -> None:
+        self.in_daemon_thread = threading.current_thread().daemon
+        self.entered.set()
+        os.close(os.open(self.fifo, os.O_RDONLY))
+        self.returned.set()
+
+    async def release(self) -> None:
+        """Open the FIFO for writing, which lets the reader's open() return."""
+        with trio.fail_after(10):
+            while True:
+                try:
+                    os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    # ENXIO: the reader has not reached its open() yet (it will: it entered).
+                    await trio.sleep(0.005)
 
 
 # --- threads -----------------------------------------------------------------------------------
@@ -188,7 +219,7 @@ async def test_cancelled_thread_call_waits_for_the_thread_by_default() -> None:
         nursery.start_soon(call)
         await eventually(job_started.is_set)
         call_scope.cancel()
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         assert not call_returned.is_set()  # still waiting for the thread
         gate.set()
         with trio.fail_after(5):
@@ -227,11 +258,126 @@ async def test_cancelled_thread_call_in_abandon_mode_returns_while_the_thread_ru
         await eventually(lambda: executors.statistics().threads_busy == 0)
 
 
+async def test_cancelled_caller_that_waited_gets_the_job_exception() -> None:
+    job_started, gate, job_finished = threading.Event(), threading.Event(), threading.Event()
+    call_scope = trio.CancelScope()
+    error = LookupError("the job failed")
+    raised: list[BaseException] = []
+
+    async with open_executors(threads=1) as executors, trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            with call_scope:
+                try:
+                    await executors.run_in_thread(
+                        gated_thread_job, job_started, gate, job_finished, error
+                    )
+                except LookupError as exc:
+                    raised.append(exc)
+
+        nursery.start_soon(call)
+        await eventually(job_started.is_set)
+        call_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    # The job's own error, not Cancelled: the work did end, and ended this way.
+    assert raised == [error]
+
+
+async def test_cancelled_queued_thread_call_never_starts_and_does_not_wait() -> None:
+    job_started, gate, job_finished = threading.Event(), threading.Event(), threading.Event()
+    queued_ran = threading.Event()
+    queued_scope = trio.CancelScope()
+    queued_returned = trio.Event()
+
+    async with open_executors(threads=1) as executors, trio.open_nursery() as nursery:
+        nursery.start_soon(
+            executors.run_in_thread, gated_thread_job, job_started, gate, job_finished
+        )
+        await eventually(job_started.is_set)
+
+        async def queued_call() -> None:
+            with queued_scope:
+                await executors.run_in_thread(queued_ran.set)
+            queued_returned.set()
+
+        nursery.start_soon(queued_call)
+        await eventually(lambda: executors.statistics().threads_waiting == 1)
+        queued_scope.cancel()
+        # It returns at once, although the job whose slot it waited for goes on running.
+        with trio.fail_after(1):
+            await queued_returned.wait()
+        assert queued_scope.cancelled_caught
+        assert not job_finished.is_set()
+        assert executors.statistics().threads_waiting == 0
+        gate.set()
+    assert not queued_ran.is_set()
+
+
+async def test_abandon_threads_releases_a_caller_waiting_for_a_stuck_thread(
+    tmp_path: Path,
+) -> None:
+    reader = FifoReader(tmp_path)
+    call_scope = trio.CancelScope()
+    call_returned = trio.Event()
+
+    async with open_executors(threads=1) as executors, trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            with call_scope:
+                await executors.run_in_thread(reader)
+            call_returned.set()
+
+        try:
+            nursery.start_soon(call)
+            await eventually(reader.entered.is_set)
+            call_scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not call_returned.is_set()  # cancelled, it waits for its thread...
+            abandoned_at = trio.current_time()
+            executors.abandon_threads()
+            with trio.fail_after(1):
+                await call_returned.wait()  # ...until told to stop waiting
+            assert trio.current_time() - abandoned_at < 0.1
+            assert call_scope.cancelled_caught  # run_in_thread raised Cancelled
+            # The abandoned thread is still stuck, and still holds its slot.
+            assert not reader.returned.is_set()
+            assert executors.statistics().threads_busy == 1
+        finally:
+            await reader.release()  # even if the test failed: no thread left stuck
+        await eventually(reader.returned.is_set)
+        await eventually(lambda: executors.statistics().threads_busy == 0)
+
+
+async def test_calls_cancelled_after_abandon_threads_return_at_once() -> None:
+    job_started, gate, job_finished = threading.Event(), threading.Event(), threading.Event()
+    call_scope = trio.CancelScope()
+
+    async with open_executors(threads=1) as executors:
+        executors.abandon_threads()
+        assert await executors.run_in_thread(jobs.add, 2, 3) == 5  # calls not cancelled: as ever
+
+        async def call() -> None:
+            with call_scope:
+                await executors.run_in_thread(gated_thread_job, job_started, gate, job_finished)
+
+        with trio.fail_after(1):
+            async with trio.open_nursery() as call_nursery:
+                call_nursery.start_soon(call)
+                await eventually(job_started.is_set)
+                call_scope.cancel()
+        assert call_scope.cancelled_caught
+        assert not job_finished.is_set()
+        assert executors.statistics().threads_busy == 1
+        gate.set()
+        await eventually(lambda: executors.statistics().threads_busy == 0)
+
+
 # --- processes: results, bounds, cancellation --------------------------------------------------
 
 
-async def test_run_in_process_returns_results(backend: ProcessBackend) -> None:
-    async with open_executors(processes=1, process_backend=backend) as executors:
+async def test_run_in_process_returns_results() -> None:
+    async with open_executors(processes=1) as executors:
         assert await executors.run_in_process(jobs.add, 2, 3) == 5
         assert await executors.run_in_process(jobs.echo, 1, fn="f", key="v") == (
             (1,),
@@ -243,7 +389,7 @@ async def test_run_in_process_returns_results(backend: ProcessBackend) -> None:
             await executors.run_in_process(divmod, 1, 0)
 
 
-async def test_process_bound_holds(backend: ProcessBackend, tmp_path: Path) -> None:
+async def test_process_bound_holds(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     results: list[int] = []
 
@@ -251,7 +397,7 @@ async def test_process_bound_holds(backend: ProcessBackend, tmp_path: Path) -> N
         results.append(await executors.run_in_process(jobs.gated, tmp_path, gate))
 
     async with (
-        open_executors(processes=2, process_backend=backend) as executors,
+        open_executors(processes=2) as executors,
         trio.open_nursery() as nursery,
     ):
         for _ in range(4):
@@ -265,13 +411,13 @@ async def test_process_bound_holds(backend: ProcessBackend, tmp_path: Path) -> N
     assert len(set(results)) <= 2  # the four jobs shared two workers
 
 
-async def test_cancelled_trio_parallel_job_is_killed_within_100ms(tmp_path: Path) -> None:
+async def test_cancelled_process_job_is_killed_within_100ms(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     call_scope = trio.CancelScope()
     returned_at = 0.0
 
     async with (
-        open_executors(processes=1, process_backend="trio-parallel") as executors,
+        open_executors(processes=1) as executors,
         trio.open_nursery() as nursery,
     ):
 
@@ -296,15 +442,12 @@ async def test_cancelled_trio_parallel_job_is_killed_within_100ms(tmp_path: Path
         assert await executors.run_in_process(os.getpid) != worker
 
 
-async def test_cancelled_queued_job_never_starts(backend: ProcessBackend, tmp_path: Path) -> None:
+async def test_cancelled_queued_process_job_never_starts(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     queued_marker = tmp_path / "queued-job-ran"
     queued_scope = trio.CancelScope()
 
-    async with (
-        open_executors(processes=1, process_backend=backend) as executors,
-        trio.open_nursery() as nursery,
-    ):
+    async with open_executors(processes=1) as executors, trio.open_nursery() as nursery:
         nursery.start_soon(executors.run_in_process, jobs.gated, tmp_path, gate)
         await eventually(lambda: len(started(tmp_path)) == 1)
 
@@ -323,33 +466,6 @@ async def test_cancelled_queued_job_never_starts(backend: ProcessBackend, tmp_pa
     assert not queued_marker.exists()
 
 
-async def test_process_pool_started_job_runs_on_after_cancel(tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    call_scope = trio.CancelScope()
-    call_returned = trio.Event()
-
-    async with (
-        open_executors(processes=1, process_backend="process-pool") as executors,
-        trio.open_nursery() as nursery,
-    ):
-
-        async def call() -> None:
-            with call_scope:
-                await executors.run_in_process(jobs.gated, tmp_path, gate)
-            call_returned.set()
-
-        nursery.start_soon(call)
-        await eventually(lambda: len(started(tmp_path)) == 1)
-        call_scope.cancel()
-        with trio.fail_after(1):
-            await call_returned.wait()  # the caller regains control at once...
-        assert executors.statistics().processes_busy == 1  # ...while the job keeps its worker
-        assert not finished(tmp_path)
-        gate.touch()
-        await eventually(lambda: len(finished(tmp_path)) == 1)  # and runs on to the end
-        await eventually(lambda: executors.statistics().processes_busy == 0)
-
-
 # --- processes: crashes and pickling -----------------------------------------------------------
 
 CRASHERS: dict[str, tuple[Callable[[], None], str]] = {
@@ -359,21 +475,17 @@ CRASHERS: dict[str, tuple[Callable[[], None], str]] = {
 
 
 @pytest.mark.parametrize("crash", CRASHERS)
-async def test_worker_crash_fails_the_call_and_the_pool_keeps_serving(
-    backend: ProcessBackend, crash: str
-) -> None:
-    crasher, trio_parallel_message = CRASHERS[crash]
-    async with open_executors(processes=1, process_backend=backend) as executors:
+async def test_worker_crash_fails_the_call_and_the_pool_keeps_serving(crash: str) -> None:
+    crasher, message = CRASHERS[crash]
+    async with open_executors(processes=1) as executors:
         with pytest.raises(WorkerCrashed) as crashed:
             await executors.run_in_process(crasher)
         assert isinstance(crashed.value, ExecutorError)
-        if backend == "trio-parallel":
-            assert trio_parallel_message in str(crashed.value)
+        assert message in str(crashed.value)
         assert await executors.run_in_process(jobs.add, 2, 3) == 5
 
 
-async def test_crash_and_the_other_calls_in_flight(backend: ProcessBackend, tmp_path: Path) -> None:
-    """trio-parallel fails only the crashed call; a broken ProcessPoolExecutor fails them all."""
+async def test_a_crash_fails_only_the_crashed_call(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     other_call: list[Any] = []
 
@@ -383,19 +495,13 @@ async def test_crash_and_the_other_calls_in_flight(backend: ProcessBackend, tmp_
         except WorkerCrashed as exc:
             other_call.append(exc)
 
-    async with (
-        open_executors(processes=2, process_backend=backend) as executors,
-        trio.open_nursery() as nursery,
-    ):
+    async with open_executors(processes=2) as executors, trio.open_nursery() as nursery:
         nursery.start_soon(call)
         await eventually(lambda: len(started(tmp_path)) == 1)
         with pytest.raises(WorkerCrashed):
             await executors.run_in_process(jobs.exit_abruptly, 1)
         gate.touch()
-    if backend == "trio-parallel":
-        assert isinstance(other_call[0], int)
-    else:
-        assert isinstance(other_call[0], WorkerCrashed)
+    assert isinstance(other_call[0], int)  # the other job's worker ran it to the end
 
 
 def _local_function() -> Callable[[], None]:
@@ -413,12 +519,10 @@ UNPICKLABLE: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
 
 
 @pytest.mark.parametrize("case", UNPICKLABLE)
-async def test_unpicklable_call_is_refused_before_anything_starts(
-    backend: ProcessBackend, case: str
-) -> None:
+async def test_unpicklable_call_is_refused_before_anything_starts(case: str) -> None:
     fn, args = UNPICKLABLE[case]
     before = child_processes()
-    async with open_executors(processes=1, process_backend=backend) as executors:
+    async with open_executors(processes=1) as executors:
         with pytest.raises(NotPicklable) as refused:
             await executors.run_in_process(fn, *args)
         assert isinstance(refused.value, TypeError)
@@ -430,9 +534,7 @@ async def test_unpicklable_call_is_refused_before_anything_starts(
 # --- shutdown ----------------------------------------------------------------------------------
 
 
-async def test_shutdown_with_work_in_flight_leaves_nothing_running(
-    backend: ProcessBackend, tmp_path: Path
-) -> None:
+async def test_shutdown_with_work_in_flight_leaves_nothing_running(tmp_path: Path) -> None:
     before = child_processes()
     thread_started = [threading.Event() for _ in range(2)]
     thread_finished = [threading.Event() for _ in range(2)]
@@ -440,7 +542,7 @@ async def test_shutdown_with_work_in_flight_leaves_nothing_running(
 
     with trio.CancelScope() as service_scope:
         async with (
-            open_executors(threads=2, processes=2, process_backend=backend) as executors,
+            open_executors(threads=2, processes=2) as executors,
             trio.open_nursery() as nursery,
         ):
             for job_started, job_finished in zip(thread_started, thread_finished, strict=True):
@@ -469,6 +571,40 @@ async def test_shutdown_with_work_in_flight_leaves_nothing_running(
     assert not new_workers(before)
 
 
+async def test_abandon_threads_bounds_a_shutdown_held_by_a_stuck_thread(tmp_path: Path) -> None:
+    """The server's sequence: cancel the service, then, when its grace ends, abandon threads."""
+    reader = FifoReader(tmp_path)
+    service_ended = trio.Event()
+
+    async def service(*, task_status: trio.TaskStatus[tuple[trio.CancelScope, Any]]) -> None:
+        with trio.CancelScope() as scope:
+            async with open_executors(threads=1) as executors, trio.open_nursery() as nursery:
+                nursery.start_soon(executors.run_in_thread, reader)
+                task_status.started((scope, executors))
+                await trio.sleep_forever()
+        service_ended.set()
+
+    async with trio.open_nursery() as server:
+        try:
+            service_scope, executors = await server.start(service)
+            await eventually(reader.entered.is_set)
+            service_scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not service_ended.is_set()  # held by the cancelled call's stuck thread
+            abandoned_at = trio.current_time()
+            executors.abandon_threads()
+            with trio.fail_after(2):
+                await service_ended.wait()
+            # The executors closed promptly, without the thread, which is still stuck (it dies
+            # with the process at the latest: a daemon thread).
+            assert trio.current_time() - abandoned_at < 1
+            assert not reader.returned.is_set()
+            assert reader.in_daemon_thread
+        finally:
+            await reader.release()
+    await eventually(reader.returned.is_set)
+
+
 async def test_closed_executors_refuse_work() -> None:
     async with open_executors() as executors:
         pass
@@ -478,10 +614,7 @@ async def test_closed_executors_refuse_work() -> None:
         await executors.run_in_process(jobs.noop)
 
 
-@pytest.mark.parametrize(
-    "config",
-    [{"threads": 0}, {"processes": 0}, {"process_backend": "threads-please"}],
-)
+@pytest.mark.parametrize("config", [{"threads": 0}, {"processes": 0}])
 async def test_invalid_configuration_is_refused(config: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         async with open_executors(**config):
@@ -494,10 +627,10 @@ async def test_invalid_configuration_is_refused(config: dict[str, Any]) -> None:
 CTRL_C_SERVER = """
 import pathlib, sys, trio
 from tests import executor_jobs
-from vtrio.executors import open_executors
+from vtrio.framework._executors import open_executors
 
-async def main(backend, pid_file):
-    async with open_executors(processes=1, process_backend=backend) as executors:
+async def main(pid_file):
+    async with open_executors(processes=1) as executors:
         async def drain():
             with trio.CancelScope(shield=True):
                 pid = await executors.run_in_process(
@@ -511,22 +644,20 @@ async def main(backend, pid_file):
 
 if __name__ == "__main__":
     try:
-        trio.run(main, sys.argv[1], pathlib.Path(sys.argv[2]))
+        trio.run(main, pathlib.Path(sys.argv[1]))
     except* KeyboardInterrupt:  # trio's nursery wraps it in an exception group
         print("interrupted", flush=True)
 """
 
 
-async def test_ctrl_c_neither_kills_jobs_nor_prints_worker_tracebacks(
-    backend: ProcessBackend, tmp_path: Path
-) -> None:
+async def test_ctrl_c_neither_kills_jobs_nor_prints_worker_tracebacks(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     completed: subprocess.CompletedProcess[bytes] | None = None
 
     async def run_server(*, task_status: trio.TaskStatus[trio.Process]) -> None:
         nonlocal completed
         completed = await trio.run_process(
-            [sys.executable, "-c", CTRL_C_SERVER, backend, str(pid_file)],
+            [sys.executable, "-c", CTRL_C_SERVER, str(pid_file)],
             env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)},
             start_new_session=True,  # its own process group, like a terminal's foreground job
             capture_stdout=True,
@@ -548,3 +679,54 @@ async def test_ctrl_c_neither_kills_jobs_nor_prints_worker_tracebacks(
     assert completed.stdout.decode().split("\n") == [f"job finished {worker}", "interrupted", ""]
     assert completed.returncode == 0
     await eventually(lambda: not process_exists(worker), within=2)
+
+
+# --- kill -9 -----------------------------------------------------------------------------------
+
+# A server that runs one long job and is then killed outright.
+LONG_JOB_SERVER = """
+import pathlib, sys, trio
+from tests import executor_jobs
+from vtrio.framework._executors import open_executors
+
+async def main(pid_file):
+    async with open_executors(processes=1) as executors:
+        await executors.run_in_process(executor_jobs.report_pid_then_sleep, pid_file, 60)
+
+trio.run(main, pathlib.Path(sys.argv[1]))
+"""
+
+
+def running(pid: int) -> bool:
+    """True while the process runs: neither reaped nor a zombie waiting for its new parent."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def test_kill_9_of_the_server_ends_a_worker_in_the_middle_of_a_job(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    with trio.fail_after(20):
+        server = await trio.lowlevel.open_process(
+            [sys.executable, "-c", LONG_JOB_SERVER, str(pid_file)],
+            env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)},
+        )
+        try:
+            await eventually(pid_file.exists)
+            worker = read_pid(pid_file)
+            assert running(worker)
+            server.kill()  # SIGKILL: the server cannot tell its worker anything
+            assert await server.wait() == -signal.SIGKILL
+        finally:
+            server.kill()
+            await server.wait()
+        try:
+            # The job had 60 s to go: only the worker's own watchdog can end it this soon.
+            await eventually(
+                lambda: not running(worker), within=vtrio.framework._executors.PARENT_POLL + 2
+            )
+        finally:
+            if running(worker):
+                os.kill(worker, signal.SIGKILL)  # the test failed: leave nothing behind

@@ -22,12 +22,19 @@ import pytest
 import trio
 import trio_parallel
 
-from vtrio import fastq
-from vtrio.fastq import FastqError, ReadStats, chunk_stats, read_statistics
+from vtrio import virtool
+from vtrio.virtool import FastqError, ReadStats, chunk_stats
+from vtrio.virtool import _fastq as fastq
 
 run_in_process = functools.partial(trio_parallel.run_sync, kill_on_cancel=True)
 
 QUALITY_CHARS = bytes(range(ord("!"), ord("~") + 1))
+
+
+async def read_statistics(path: Path, **options: Any) -> dict[str, Any]:
+    """``read_statistics`` of the file at ``path``, opened and closed here as the job does."""
+    async with await trio.open_file(path, "rb") as file:
+        return await virtool.read_statistics(file, **options)
 
 
 def make_fastq(

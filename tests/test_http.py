@@ -1,27 +1,19 @@
-"""The shared HTTP client and the retry policy, against real HTTP servers on 127.0.0.1."""
+"""The shared HTTP client, against real HTTP servers on 127.0.0.1."""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 import trio
 import trio.testing
 
-from tests.http_servers import Reply, ScriptedServer, http_date, serve
+from tests.http_servers import Reply, ScriptedServer, serve
 from vtrio import __version__
-from vtrio.http import HttpClient, TotalTimeout, open_http_client
-from vtrio.retry import (
-    RETRYABLE_ERRORS,
-    RetriesExhausted,
-    RetryPolicy,
-    is_retryable_status,
-    parse_retry_after,
-)
+from vtrio.framework._http import HttpClient, TotalTimeout, open_http_client
 
 
 @pytest.fixture
@@ -141,9 +133,9 @@ async def test_total_timeout_holds_for_a_trickling_server(server: ScriptedServer
 async def test_connection_reset(server: ScriptedServer, http: HttpClient) -> None:
     server.route("/reset", Reply(reset=True))
     server.route("/ok", Reply(body="ok"))
-    with pytest.raises(httpx.TransportError) as caught:
+    # Depending on timing a reset reads as a broken connection or as a missing response.
+    with pytest.raises((httpx.NetworkError, httpx.RemoteProtocolError)):
         await http.get(f"{server.url}/reset")
-    assert isinstance(caught.value, RETRYABLE_ERRORS)
     assert (await http.get(f"{server.url}/ok")).text == "ok"
 
 
@@ -215,120 +207,3 @@ async def test_cancellations_at_random_moments_never_wedge_the_pool(
                 for _ in range(8):
                     nursery.start_soon(request_with_deadline, http, rng.uniform(0, 0.004))
             assert (await http.get(f"{server.url}/ok")).text == "ok"
-
-
-# --- the retry policy -----------------------------------------------------------------------
-
-
-def test_retry_after_in_seconds_and_as_a_date() -> None:
-    now = datetime(2025, 1, 14, 19, 0, 0, tzinfo=UTC)
-    assert parse_retry_after("120") == 120.0
-    assert parse_retry_after(" 0 ") == 0.0
-    assert parse_retry_after(http_date(now + timedelta(seconds=90)), now=now) == 90.0
-    assert parse_retry_after("Tue, 14 Jan 2025 18:00:00 GMT", now=now) == 0.0  # in the past
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("-5") is None
-    assert parse_retry_after(None) is None
-
-
-def test_retryable_statuses() -> None:
-    statuses = (200, 304, 400, 403, 404, 429, 500, 502, 503, 504)
-    assert [s for s in statuses if is_retryable_status(s)] == [429, 500, 502, 503, 504]
-
-
-def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
-    policy = RetryPolicy(base_delay=1.0, max_delay=5.0, rng=random.Random(7))
-    for retry, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (10, 5.0)]:
-        delays = [policy.backoff(retry) for _ in range(200)]
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
-        assert max(delays) - min(delays) > ceiling / 4  # jittered, not constant
-
-
-def test_policy_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="max_attempts"):
-        RetryPolicy(max_attempts=0)
-    with pytest.raises(ValueError, match="max_total"):
-        RetryPolicy(max_total=0)
-
-
-def _answers(
-    *statuses: int, headers: dict[str, str] | None = None
-) -> tuple[list[int], Callable[[], Awaitable[httpx.Response]]]:
-    """An attempt answering ``statuses`` in turn (the last one repeating), and its call log."""
-    calls: list[int] = []
-
-    async def attempt() -> httpx.Response:
-        calls.append(1)
-        status = statuses[min(len(calls), len(statuses)) - 1]
-        return httpx.Response(status, headers=headers if status != 200 else None)
-
-    return calls, attempt
-
-
-async def test_policy_returns_the_first_answer_not_worth_retrying() -> None:
-    calls, attempt = _answers(503, 502, 404)
-    policy = RetryPolicy(base_delay=0.01, max_delay=0.02)
-    response = await policy.run(attempt)
-    assert response.status_code == 404
-    assert len(calls) == 3
-
-
-async def test_policy_gives_up_after_max_attempts() -> None:
-    calls, attempt = _answers(503)
-    policy = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02)
-    with pytest.raises(RetriesExhausted, match=r"after 3 attempts .* HTTP 503") as caught:
-        await policy.run(attempt)
-    assert len(calls) == 3
-    assert caught.value.attempts == 3
-    assert caught.value.last_response is not None
-    assert caught.value.last_response.status_code == 503
-
-
-async def test_policy_does_not_wait_beyond_its_budget() -> None:
-    calls, attempt = _answers(429, headers={"Retry-After": "30"})
-    policy = RetryPolicy(max_attempts=5, max_total=2)
-    started = trio.current_time()
-    with pytest.raises(RetriesExhausted, match=r"asked to wait 30\.0 s") as caught:
-        await policy.run(attempt)
-    assert trio.current_time() - started < 0.5
-    assert len(calls) == 1
-    assert caught.value.retry_after == 30.0
-
-
-async def test_policy_cancels_an_attempt_that_outlasts_the_budget() -> None:
-    async def attempt() -> httpx.Response:
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    started = trio.current_time()
-    with pytest.raises(RetriesExhausted, match="ran out during attempt 1"):
-        await RetryPolicy(max_total=0.2).run(attempt)
-    assert 0.2 <= trio.current_time() - started < 0.7
-
-
-async def test_policy_lets_other_errors_and_cancellation_through() -> None:
-    calls: list[int] = []
-
-    async def attempt() -> httpx.Response:
-        calls.append(1)
-        raise KeyError("the caller's own error")
-
-    with pytest.raises(KeyError):
-        await RetryPolicy().run(attempt)
-    assert len(calls) == 1
-
-    async def slow() -> httpx.Response:
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    with trio.move_on_after(0.05) as scope:
-        await RetryPolicy(max_total=10).run(slow)
-    assert scope.cancelled_caught
-
-
-async def test_policy_retries_network_errors(server: ScriptedServer, http: HttpClient) -> None:
-    server.route("/flaky", Reply(reset=True), Reply(status=503), Reply(body="ok"))
-    policy = RetryPolicy(base_delay=0.01, max_delay=0.02)
-    response = await policy.run(lambda: http.get(f"{server.url}/flaky"))
-    assert response.text == "ok"
-    assert len(server.requests("/flaky")) == 3

@@ -16,10 +16,9 @@ import trio
 from tests.live import settings_for
 from tests.rpc_client import RpcClient, is_change, rpc_client
 from vtrio.config import Settings
-from vtrio.fastq import DEFAULT_CHUNK_SIZE
-from vtrio.jobs import runner_name
-from vtrio.rpc import CONFLICT, FORBIDDEN, INVALID_PARAMS, NOT_FOUND
+from vtrio.framework import CONFLICT, FORBIDDEN, INVALID_PARAMS, NOT_FOUND
 from vtrio.server import App, open_app
+from vtrio.virtool import DEFAULT_CHUNK_SIZE, runner_name
 
 # --- FASTQ files whose statistics are known without computing them ---------------------------
 

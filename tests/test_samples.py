@@ -13,7 +13,7 @@ import pytest
 
 from tests.live import settings_for
 from tests.rpc_client import RpcClient, is_change, rpc_client
-from vtrio.rpc import CONFLICT, FORBIDDEN, INVALID_PARAMS, NOT_FOUND
+from vtrio.framework import CONFLICT, FORBIDDEN, INVALID_PARAMS, NOT_FOUND
 from vtrio.server import App, open_app
 
 FASTQ = b"@read1\nACGT\n+\nIIII\n"
@@ -85,12 +85,23 @@ async def test_create_with_sharing_and_group(alice: RpcClient) -> None:
     assert "not-mine" in error.message
 
 
-async def test_names_are_unique(alice: RpcClient) -> None:
+async def test_names_are_unique_per_owner_and_tell_no_one_of_others_samples(
+    app: App, alice: RpcClient
+) -> None:
     await create(alice, "dup")
     error = await alice.fails("samples.create", {"name": " dup ", "reads": "reads.fq"})
     assert error.code == CONFLICT
     assert "'dup'" in error.message
     assert (await alice.call("samples.list"))["total"] == 1
+    # Bob cannot learn that alice has a private sample named "dup": the name is free for him.
+    shared = await create(alice, "shared", all_read=True, all_write=True)
+    async with rpc_client(app, "bob") as bob:
+        mine = await bob.call("samples.create", {"name": "dup", "reads": "reads.fq"})
+        assert mine["user"] == "bob"
+        # Nor by renaming a sample of hers he may change: names are the owner's to choose.
+        error = await bob.fails("samples.update", {"id": shared["id"], "name": "dup"})
+        assert error.code == FORBIDDEN
+        assert "rename" in error.message
 
 
 async def test_get_unknown(alice: RpcClient) -> None:
@@ -172,7 +183,7 @@ async def test_list_pages_and_filters(app: App, alice: RpcClient) -> None:
     first = await alice.call("samples.list", {"limit": 3})
     assert [s["name"] for s in first["items"]] == ["a.b", "alpha-1", "alpha-2"]
     assert first["total"] == 7
-    assert first["next"] == "alpha-2"
+    assert isinstance(first["next"], str)  # an opaque cursor
     assert "quality" not in first["items"][0]  # the listing leaves the statistics out
     second = await alice.call("samples.list", {"limit": 3, "after": first["next"]})
     assert [s["name"] for s in second["items"]] == ["beta-1", "beta-2", "beta-3"]

@@ -61,11 +61,12 @@ async def test_embedded_server_keeps_data_across_restart_and_stops_cleanly(
     assert mongods_using(tmp_path) == []
 
 
-async def test_second_sigint_stops_at_once(tmp_path: Path, mongodb_url: str) -> None:
-    args = server_args(tmp_path, "--mongodb-url", mongodb_url, "--shutdown-timeout", "60")
+async def test_second_sigint_stops_at_once(tmp_path: Path, mongodb_url: str, db_name: str) -> None:
+    database = ["--mongodb-url", mongodb_url, "--db-name", db_name]
+    args = server_args(tmp_path, *database, "--shutdown-timeout", "60")
     async with vtrio_process(args) as server:
         url = await server.wait_ready()
-        key = await trio.to_thread.run_sync(new_key_for, mongodb_url, tmp_path)
+        key = await trio.to_thread.run_sync(new_key_for, database, tmp_path)
         # A client that never answers the close frame holds a graceful shutdown for 60 s ...
         stubborn = await RawClient.connect(url, key)
         server.signal(signal.SIGINT)
@@ -79,22 +80,25 @@ async def test_second_sigint_stops_at_once(tmp_path: Path, mongodb_url: str) -> 
         stubborn.close()
 
 
-def new_key_for(mongodb_url: str, data_dir: Path) -> str:
-    common = ["--mongodb-url", mongodb_url, "--data-dir", str(data_dir)]
+def new_key_for(database: list[str], data_dir: Path) -> str:
+    common = [*database, "--data-dir", str(data_dir)]
     assert run_vtrio(["users", "create", "bob", *common]).returncode == 0
     return run_vtrio(["keys", "create", "bob", *common]).stdout.strip()
 
 
-async def test_occupied_port_fails_naming_the_service(tmp_path: Path, mongodb_url: str) -> None:
+async def test_occupied_port_fails_naming_the_service(
+    tmp_path: Path, mongodb_url: str, db_name: str
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = ["--port", str(port), "--data-dir", str(tmp_path), "--mongodb-url", mongodb_url]
+        args = ["--port", str(port), "--data-dir", str(tmp_path), "--mongodb-url", mongodb_url,
+                "--db-name", db_name]  # fmt: skip
         async with vtrio_process(args) as server:
             assert await server.wait(60) == 1
     last = server.lines[-1]
-    assert last.startswith("vtrio: websocket failed to start:"), server.output
+    assert last.startswith("vtrio: listener failed to start:"), server.output
     assert "Traceback" not in server.output
 
 
@@ -135,7 +139,7 @@ async def test_data_dir_in_use_by_another_mongod_fails_clearly(tmp_path: Path) -
         (["--port", "http"], "--port"),
         (["--mongodb-url", "postgres://nope"], "--mongodb-url"),
         (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
-        (["--process-backend", "threads"], "--process-backend"),
+        (["--handshake-timeout", "0"], "--handshake-timeout"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(tmp_path: Path, args: list[str], names: str) -> None:
@@ -230,5 +234,5 @@ async def test_a_service_dying_while_running_stops_the_server_naming_it(tmp_path
     assert server.lines[-1].startswith("vtrio: mongodb failed: mongod exited with code -9"), (
         server.output
     )
-    assert "websocket: stopped" in server.output  # the rest of the tree was torn down in order
+    assert "listener: stopped" in server.output  # the rest of the tree was torn down in order
     assert "Traceback" not in server.output

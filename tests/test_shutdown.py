@@ -13,7 +13,7 @@ import trio
 from tests.live import connect
 from tests.processes import run_vtrio, vtrio_process
 from tests.test_live import closed_with
-from vtrio.dispatcher import CloseCode
+from vtrio.framework import CloseCode
 
 RECORD = b"@read\n" + b"ACGT" * 25 + b"\n+\n" + b"I" * 100 + b"\n"
 

@@ -1,4 +1,10 @@
-"""The ``vtrio`` command: run the server, or manage its users and API keys.
+"""The ``vtrio`` command: run the server, or manage its users and API keys; and the signals.
+
+The process is the command line's: it turns SIGINT and SIGTERM into the server's one stop
+signal (:class:`~vtrio.framework.Stopping`). The first starts a graceful stop, bounded by
+``--shutdown-timeout``; a second SIGINT (or one before the server is ready) stops it at once:
+every cleanup still running is cut short, and if the process has not exited
+:data:`HARD_EXIT_AFTER` seconds later it exits anyway (its embedded mongod dies with it).
 
 Exit codes: 0 done; 1 a service or command failed (one line on stderr says which and why);
 2 a setting or argument is wrong (one line names it); 130 interrupted.
@@ -10,23 +16,41 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
+import pymongo
 import trio
 
-from vtrio import __version__, auth, client
-from vtrio.client import DEFAULT_URL, ClientError
+from vtrio import __version__, virtool
 from vtrio.config import ConfigError, Settings, add_settings_arguments, load_settings
-from vtrio.db import Database, DatabaseError, open_database
-from vtrio.encoding import dumps
-from vtrio.mongod import MongodError, run_mongod, running_mongod
+from vtrio.framework import (
+    DEFAULT_URL,
+    ClientError,
+    Database,
+    DatabaseError,
+    MongodError,
+    ServiceError,
+    Stopping,
+    describe,
+    dumps,
+    open_database,
+    run_mongod,
+    running_mongod,
+)
+from vtrio.framework import call as call_method
+from vtrio.framework import watch as watch_changes
 from vtrio.server import serve
-from vtrio.services import ServiceError, describe
+from vtrio.virtool import COLLECTIONS
 
 log = logging.getLogger("vtrio")
+
+HARD_EXIT_AFTER = 2.0
+"""Seconds a process stopped at once may take to exit before it exits regardless."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,12 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Admin commands print their own result; their progress is not worth a line each.
     _configure_logging(settings, quiet=command is not run_server)
+    _exit_promptly_from_pymongo()
     try:
         trio.run(command, settings, arguments)
     except ServiceError as exc:
         print(f"vtrio: {exc}", file=sys.stderr)
         return 1
-    except (auth.AuthError, MongodError, DatabaseError) as exc:
+    except (virtool.AuthError, MongodError, DatabaseError) as exc:
         print(f"vtrio: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -142,12 +167,12 @@ async def run_call(arguments: dict[str, Any]) -> None:
         params = json.loads(arguments["params"])
     except ValueError as exc:
         raise ClientError(f"PARAMS is not JSON: {exc}") from None
-    await client.call(arguments["url"], arguments["key"], arguments["method"], params)
+    await call_method(arguments["url"], arguments["key"], arguments["method"], params)
 
 
 async def run_watch(arguments: dict[str, Any]) -> None:
     interfaces = [name for name in arguments["interface"].split(",") if name]
-    await client.watch(arguments["url"], arguments["key"], interfaces)
+    await watch_changes(arguments["url"], arguments["key"], interfaces)
 
 
 def _configure_logging(settings: Settings, *, quiet: bool = False) -> None:
@@ -163,8 +188,54 @@ def _configure_logging(settings: Settings, *, quiet: bool = False) -> None:
     logging.getLogger("trio-websocket").setLevel(max(logging.INFO, settings.log_level_number))
 
 
+def _exit_promptly_from_pymongo() -> None:
+    # pymongo's monitor threads look for their stop flag every MIN_HEARTBEAT_INTERVAL (0.5 s),
+    # and pymongo joins them when the interpreter exits: the process took half a second to exit
+    # after all else had stopped. Looking ten times as often costs nothing measurable; the
+    # price is that a server that is down may be probed up to 20 times a second instead of 2.
+    # It is process-wide, so it is the process's owner, the command line, that sets it.
+    pymongo.common.MIN_HEARTBEAT_INTERVAL = 0.05
+
+
 async def run_server(settings: Settings, arguments: dict[str, Any]) -> None:
-    await serve(settings)
+    """Serve until a signal stops the server (see the module docstring)."""
+    stopping = Stopping(settings.shutdown_timeout)
+    ready = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals, stopping, ready, nursery.cancel_scope)
+        async with trio.open_nursery() as server:
+            await server.start(serve, settings, stopping)
+            ready.set()
+        nursery.cancel_scope.cancel()  # the server has stopped: so may the signal watcher
+
+
+async def _stop_on_signals(stopping: Stopping, ready: trio.Event, scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if stopping.requested or not ready.is_set():
+                log.warning("%s: stopping now", name)
+                stopping.hurry()
+                scope.cancel()
+                _exit_if_still_running_after(HARD_EXIT_AFTER)
+            else:
+                log.info("%s received: stopping gracefully within %.1f s (again to stop at once)",
+                         name, stopping.grace_period)  # fmt: skip
+                stopping.request()
+
+
+def _exit_if_still_running_after(seconds: float) -> None:
+    """The last resort of a stop at once: whatever still holds the process (a thread stuck in a
+    system call, say) does not hold it past ``seconds``."""
+
+    def exit_now() -> None:
+        log.error("still running %.1f s after a stop at once: exiting regardless", seconds)
+        logging.shutdown()
+        os._exit(130)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 @asynccontextmanager
@@ -185,20 +256,16 @@ async def admin_database(settings: Settings) -> AsyncIterator[Database]:
     async with (
         url_source as url,
         open_database(
-            url, settings.db_name, dispatch=_nowhere, timeout=settings.mongodb_timeout
+            url, settings.db_name, collections=COLLECTIONS, timeout=settings.mongodb_timeout,
+            watch=False,  # a command has no clients to tell
         ) as db,
-    ):
-        await auth.create_indexes(db)
+    ):  # fmt: skip
         yield db
-
-
-def _nowhere(interface: str, operation: str, data: Any, subject: Any) -> None:
-    """Admin commands touch only silent collections: there is no one to dispatch to."""
 
 
 async def users_create(settings: Settings, arguments: dict[str, Any]) -> None:
     async with admin_database(settings) as db:
-        user = await auth.create_user(
+        user = await virtool.create_user(
             db, arguments["name"], admin=arguments["admin"], groups=arguments["groups"]
         )
     print(f"created user {user['name']}" + (" (admin)" if user["admin"] else ""))
@@ -206,18 +273,18 @@ async def users_create(settings: Settings, arguments: dict[str, Any]) -> None:
 
 async def keys_create(settings: Settings, arguments: dict[str, Any]) -> None:
     async with admin_database(settings) as db:
-        _, key = await auth.create_key(db, arguments["user"])
+        _, key = await virtool.create_key(db, arguments["user"])
     print(key)
 
 
 async def keys_list(settings: Settings, arguments: dict[str, Any]) -> None:
     async with admin_database(settings) as db:
-        keys = await auth.list_keys(db, arguments["user"])
+        keys = await virtool.list_keys(db, arguments["user"])
     for key in keys:
         print(dumps(key))
 
 
 async def keys_revoke(settings: Settings, arguments: dict[str, Any]) -> None:
     async with admin_database(settings) as db:
-        await auth.revoke_key(db, arguments["id"])
+        await virtool.revoke_key(db, arguments["id"])
     print(f"revoked key {arguments['id']}")

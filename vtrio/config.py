@@ -25,7 +25,6 @@ from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
 ENV_PREFIX = "VTRIO_"
-PROCESS_BACKENDS = ("trio-parallel", "process-pool")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -100,6 +99,10 @@ def _data_dir(raw: str) -> Path:
     return path
 
 
+def _folder(raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
 def _text(raw: str) -> str:
     return raw
 
@@ -117,6 +120,11 @@ class Settings:
     host: str = setting("127.0.0.1", "address the websocket server listens on")
     port: int = setting(9950, "port the websocket server listens on (0: any free port)", _port)
     data_dir: Path = setting(Path("vtrio-data"), "folder for vtrio's data", _data_dir)
+    uploads_dir: Path | None = setting(
+        None,
+        "folder of reads files; instances sharing a MongoDB share it (default: DATA_DIR/uploads)",
+        _folder,
+    )
     shutdown_timeout: float = setting(
         10.0, "grace period for a graceful shutdown, in seconds", _positive_float
     )
@@ -138,21 +146,29 @@ class Settings:
         10.0, "time limit of one MongoDB operation, in seconds", _positive_float
     )
     mongodb_pool_size: int = setting(
-        32, "MongoDB connections, and so threads running MongoDB calls", _positive_int
+        8, "threads running MongoDB calls, each with a connection of its own", _positive_int
     )
+    history_size: int = setting(
+        10_000, "changes kept in memory for clients that resume (older ones: from MongoDB)",
+        _positive_int,
+    )  # fmt: skip
     # Executors
     threads: int = setting(16, "threads for blocking work (run_in_thread)", _positive_int)
     processes: int = setting(
         max(1, os.cpu_count() or 1), "worker processes for CPU-heavy work", _positive_int
     )
-    process_backend: str = setting(
-        "trio-parallel", "process pool: trio-parallel or process-pool", _choice(PROCESS_BACKENDS)
-    )
     jobs: int = setting(
         2, "jobs run at once (each uses one worker process at a time)", _positive_int
     )
     # Websocket clients
-    max_connections: int = setting(10_000, "websocket connections accepted at once", _positive_int)
+    max_connections: int = setting(10_000, "websocket connections open at once", _positive_int)
+    max_handshakes: int = setting(
+        1000, "connections in their handshake at once (the longest waiting is dropped)",
+        _positive_int,
+    )  # fmt: skip
+    handshake_timeout: float = setting(
+        5.0, "seconds a connection has to send its request", _positive_float
+    )
     max_message_size: int = setting(
         1 << 20, "largest frame a client may send, in bytes", _positive_int
     )
@@ -176,8 +192,11 @@ class Settings:
         "https://eutils.ncbi.nlm.nih.gov/entrez/eutils", "NCBI E-utilities base URL"
     )
     ncbi_api_key: str | None = setting(None, "NCBI API key (10 requests/s instead of 3)")
-    github_base_url: str = setting("https://api.github.com", "GitHub API base URL")
-    github_token: str | None = setting(None, "GitHub token, for a higher rate limit")
+
+    @property
+    def uploads(self) -> Path:
+        """The uploads folder: ``--uploads-dir``, or ``DATA_DIR/uploads``."""
+        return self.uploads_dir or self.data_dir / "uploads"
 
     @property
     def log_level_number(self) -> int:

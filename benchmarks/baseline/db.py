@@ -34,6 +34,10 @@ class Collection:
     async def find(self, filter: Mapping[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
         return await self._collection.find(filter, **kwargs).to_list()
 
+    async def aggregate(self, pipeline: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        cursor = await self._collection.aggregate(pipeline)
+        return await cursor.to_list()
+
     async def insert_one(self, document: Mapping[str, Any], silent: bool = False) -> dict[str, Any]:
         doc = dict(document)
         await self._collection.insert_one(doc)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.baseline.db import Database
-from vtrio.fastq import DEFAULT_CHUNK_SIZE, ReadStats, chunk_stats
+from vtrio.virtool import DEFAULT_CHUNK_SIZE, ReadStats, chunk_stats
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from benchmarks.baseline import rpc
 from benchmarks.baseline.db import Database
 from benchmarks.baseline.dispatcher import Connection, Dispatcher
 from benchmarks.baseline.jobs import JobRunner
-from vtrio.auth import Identity, hash_key, identity_of, well_formed
+from vtrio.virtool import COLLECTIONS, Identity, hash_key, identity_of, well_formed
 
 log = logging.getLogger("baseline")
 
@@ -42,6 +44,7 @@ class State:
     processes: ProcessPoolExecutor
     jobs: JobRunner
     uploads: Path
+    started_at: float
 
 
 async def authenticate(db: Database, key: str | None) -> Identity | None:
@@ -94,11 +97,10 @@ async def on_startup(app: web.Application) -> None:
     client: AsyncMongoClient = AsyncMongoClient(settings.mongodb_url)
     db = Database(client, settings.db_name, dispatcher.dispatch)
     await client.admin.command("ping")
-    await db.samples._collection.create_index("name", unique=True)
-    await db.samples._collection.create_index("user")
-    await db.jobs._collection.create_index([("state", 1), ("created_at", 1)])
-    await db.jobs._collection.create_index("sample_id")
-    await db.keys._collection.create_index("hash", unique=True)
+    # vtrio's own declared indexes (the same work for both servers).
+    for name, spec in COLLECTIONS.items():
+        if spec.indexes:
+            await client[settings.db_name][name].create_indexes(list(spec.indexes))
     uploads = Path(settings.data_dir) / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
     runner = JobRunner(
@@ -106,7 +108,9 @@ async def on_startup(app: web.Application) -> None:
         name=f"{socket.gethostname()}:{settings.data_dir}", concurrency=settings.jobs,
     )  # fmt: skip
     runner.start()
-    app[STATE] = State(settings, client, db, dispatcher, threads, processes, runner, uploads)
+    app[STATE] = State(
+        settings, client, db, dispatcher, threads, processes, runner, uploads, app["started_at"]
+    )
     # The socket was bound and is listening before run_app started: connections made from now
     # on wait in its backlog until the site serves them.
     host, port = app["socket"].getsockname()[:2]
@@ -125,6 +129,14 @@ async def on_cleanup(app: web.Application) -> None:
     await app[STATE].client.close()
 
 
+def _raise_open_file_limit() -> None:
+    """Like vtrio's listener: the soft limit on open files up to the hard one, so that as many
+    connections can be held (a server meant to hold thousands would)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline")
     parser.add_argument("--host", default="127.0.0.1")
@@ -140,6 +152,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
+    started_at = time.monotonic()
+    _raise_open_file_limit()
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -150,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = web.Application()
     app["settings"] = settings
     app["socket"] = sock
+    app["started_at"] = started_at
     app.router.add_get("/ws", websocket)
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
