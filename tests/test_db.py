@@ -195,7 +195,49 @@ async def test_the_feed_keeps_history_and_replays_from_mongodb_what_memory_lost(
         assert [c.position for c in replayed[7:]] == [c.position for c in recent]
         middle = Position.parse(replayed[3].position)
         assert [c.id for c in await feed.read_history(middle, 4)] == [4, 5, 6, 7]
-    # (A position older than the oplog: tests/test_resume.py, on a mongod whose oplog rolls.)
+    # (A position older than the oplog: tests/test_cluster.py, on a mongod whose oplog rolls.)
+
+
+async def test_connections_resuming_from_before_the_feed_began_share_one_read(
+    mongodb_url: str, db_name: str
+) -> None:
+    # An instance that restarts begins with an empty history, and all its clients resume from
+    # before it: one read from MongoDB extends the history back for all of them.
+    async with open_database(mongodb_url, db_name, collections=SPECS) as before:
+        assert before.changes is not None
+        start = before.changes.position
+        for n in range(6):
+            await before.samples.insert_one({"_id": n, "name": str(n)})
+    streams_opened = []
+    commands = Commands()
+    commands.on_started = lambda event: (
+        streams_opened.append(event) if event.command_name == "aggregate" else None
+    )
+    options = {"event_listeners": [commands]}
+    async with open_database(
+        mongodb_url, db_name, collections=SPECS, history_size=10, client_options=options
+    ) as db:
+        feed = db.changes
+        assert feed is not None and feed.history_after(start, 100) is None
+        opened = len(streams_opened)
+        reached = []
+
+        async def resume() -> None:
+            reached.append(await feed.reach_back(start))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(resume)
+        assert reached == [True] * 20
+        assert len(streams_opened) - opened == 1
+        back = feed.history_after(start, 100)
+        assert back is not None and [c.id for c in back] == list(range(6))
+    async with open_database(mongodb_url, db_name, collections=SPECS, history_size=4) as small:
+        # No room for the six: the history stays as it was, and a catch-up reads on its own.
+        assert small.changes is not None
+        assert await small.changes.reach_back(start) is False
+        assert small.changes.history_after(start, 100) is None
+        assert [c.id for c in await small.changes.read_history(start, 100)] == list(range(6))
 
 
 def test_positions_are_fixed_width_hex_in_commit_order() -> None:

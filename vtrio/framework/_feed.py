@@ -133,7 +133,7 @@ class ChangeFeed:
         self._progress = trio.lowlevel.ParkingLot()
         self._reaching_back = trio.Lock()
         # (floor, position): from that floor, the history had no room back to that position.
-        self._beyond_reach = (self.floor, self.floor)
+        self._beyond_reach: tuple[Position, Position] | None = None
         self.lag = 0.0
         """Seconds between the last change's commit and its reading, as last measured."""
         self.live = True
@@ -201,8 +201,7 @@ class ChangeFeed:
             if position >= self.floor:
                 return True
             floor, room = self.floor, self._history_size - len(self._history)
-            beyond_floor, beyond = self._beyond_reach
-            if room <= 0 or (floor == beyond_floor and position <= beyond):
+            if room <= 0 or self._known_beyond_reach(floor, position):
                 return False
             older = await trio.to_thread.run_sync(
                 self._read_between, position, floor, room, abandon_on_cancel=True
@@ -215,6 +214,12 @@ class ChangeFeed:
             self._history.extendleft(reversed(older))
             self.floor = position
             return True
+
+    def _known_beyond_reach(self, floor: Position, position: Position) -> bool:
+        if self._beyond_reach is None:
+            return False
+        beyond_floor, beyond = self._beyond_reach
+        return floor == beyond_floor and position <= beyond
 
     async def wait_for(self, position: Position) -> None:
         """Wait until the feed has read up to ``position`` (which another instance's feed may
