@@ -43,6 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 BENCHMARKS = (
     "shutdown", "cancel", "fanout", "slow_client", "fairness", "cluster", "offload", "memory",
+    "profile",
 )  # fmt: skip
 """Run order. Each name is a module ``benchmarks.bench_<name>`` with ``run(ctx)``."""
 

@@ -251,17 +251,24 @@ def processes_in_group(pgid: int) -> list[int]:
 
 def cpu_ns(pid: int) -> int | None:
     """CPU time used so far by every thread of ``pid``, in ns (schedstat: exact, not ticks)."""
-    total = 0
+    threads = thread_cpu_ns(pid)
+    return None if threads is None else sum(threads.values())
+
+
+def thread_cpu_ns(pid: int) -> dict[int, int] | None:
+    """CPU time used so far by each thread of ``pid`` (by thread id), in ns."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
+    threads = {}
     for tid in tasks:
         try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            schedstat = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text()
+            threads[int(tid)] = int(schedstat.split()[0])
         except (OSError, ValueError, IndexError):
             continue
-    return total
+    return threads
 
 
 def thread_count(pid: int) -> int | None:

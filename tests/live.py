@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -78,6 +79,25 @@ async def receive_messages(websocket: WebSocketConnection, count: int, timeout: 
             frame = json.loads(await websocket.get_message())
             messages.extend(frame if isinstance(frame, list) else [frame])
     return messages
+
+
+def frame(
+    opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, masked: bool = True
+) -> bytes:
+    """A client frame built by hand, broken as asked."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    size = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        header = bytes((first, mask_bit | size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if not masked:
+        return header + payload
+    key = random.randbytes(4)
+    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 class RawClient:

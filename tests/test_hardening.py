@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import struct
 import threading
@@ -19,10 +18,16 @@ import trio
 from trio_websocket import WebSocketConnection
 
 from tests.http_servers import Reply, serve
-from tests.live import RawClient, closed_with, connect, new_key, settings_for
+from tests.live import RawClient, closed_with, connect, frame, new_key, settings_for
 from tests.processes import VtrioProcess, mongods_using, run_vtrio, vtrio_process
 from tests.rpc_client import rpc_client
-from vtrio.framework import PARSE_ERROR, SHUTTING_DOWN, CloseCode
+from vtrio.framework import (
+    INVALID_REQUEST,
+    MAX_REQUEST_SIZE,
+    PARSE_ERROR,
+    SHUTTING_DOWN,
+    CloseCode,
+)
 from vtrio.server import App, open_app
 
 READS = b"@r1\nACGT\n+\nIIII\n"
@@ -208,25 +213,6 @@ async def _system_info(websocket: WebSocketConnection) -> Any:
 # ---- 5. frames that break the protocol ------------------------------------------------------
 
 
-def frame(
-    opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, masked: bool = True
-) -> bytes:
-    """A client frame built by hand, broken as asked."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    size = len(payload)
-    mask_bit = 0x80 if masked else 0
-    if size < 126:
-        header = bytes((first, mask_bit | size))
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", first, mask_bit | 126, size)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, size)
-    if not masked:
-        return header + payload
-    key = random.randbytes(4)
-    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
 BROKEN_FRAMES = {
     "unmasked client frame": (frame(0x1, b"hi", masked=False), 1002),
     "RSV1 set": (frame(0x1, b"hi", rsv=4), 1002),
@@ -255,6 +241,25 @@ async def test_a_protocol_violation_gets_the_close_frame_the_rfc_names(app: App,
         client.close()
     async with connect(app.url, await new_key(app)) as healthy:  # the server serves on
         assert isinstance(await _system_info(healthy), dict)
+
+
+async def test_a_huge_frame_is_refused_unread_and_the_connection_serves_on(app: App) -> None:
+    """Over the request limit, under the message limit, in one frame: refused from its header.
+    Its payload is not valid UTF-8, so a server that decoded it would close with 1007."""
+    client = await RawClient.connect(app.url, await new_key(app))
+    try:
+        huge = frame(0x1, b"\xff" * (MAX_REQUEST_SIZE + 1))
+        await client.sock.send(huge[:1])  # the header in two reads, the payload in many
+        await client.sock.send(huge[1:])
+        [refusal] = await client.frames(1)
+        assert refusal["id"] is None and refusal["error"]["code"] == INVALID_REQUEST
+        assert f"not {MAX_REQUEST_SIZE + 1}" in refusal["error"]["message"]
+        request = {"jsonrpc": "2.0", "id": 1, "method": "system.info", "params": {}}
+        await client.sock.send(frame(0x1, json.dumps(request).encode()))
+        [answer] = await client.frames(1)
+        assert answer["id"] == 1 and "version" in answer["result"]
+    finally:
+        client.close()
 
 
 async def test_the_message_size_limit_counts_bytes_not_characters(app: App) -> None:

@@ -293,13 +293,15 @@ def listener(
     async def authenticate_key(key: str | None) -> object | None:
         return await authenticate(db, key)
 
+    endpoint = RpcEndpoint(methods, metrics=metrics)
     return serve_listener(
         host=settings.host,
         port=settings.port,
         hub=hub,
         stopping=stopping,
         authenticate=authenticate_key,
-        on_message=RpcEndpoint(methods, metrics=metrics).on_message,
+        on_message=endpoint.on_message,
+        on_oversized=endpoint.on_oversized,
         http=pages,
         limits=ListenerLimits(
             max_connections=settings.max_connections,
@@ -308,6 +310,7 @@ def listener(
             send_buffer_size=settings.send_buffer_size,
             connection=ConnectionLimits(
                 max_message_size=settings.max_message_size,
+                max_parsed_size=endpoint.max_request_size,
                 send_queue_size=settings.send_queue_size,
                 close_timeout=settings.heartbeat_interval,
             ),

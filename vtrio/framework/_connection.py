@@ -9,14 +9,18 @@ waits, in order, and what waits is coalesced (several change messages, one frame
 
 Reading is bounded per turn (one ``receive_some`` of at most 64 KiB, then the scheduler runs
 others), and a message larger than ``max_message_size`` bytes closes the connection with 1009
-before it is held whole. Protocol violations close it with the code RFC 6455 names (1002, or
-1007 for a text frame that is not UTF-8).
+before it is held whole. A message sent in one frame and larger than that, or than
+``max_parsed_size``, is not even decoded: its header says its size, and its payload is dropped
+as it arrives (:class:`~vtrio.framework._wire.FrameSkipper`). Protocol violations close it
+with the code RFC 6455 names (1002, or 1007 for a text frame that is not UTF-8).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,9 +31,9 @@ from wsproto.connection import Connection as Protocol
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Event, Message, Ping, Pong, TextMessage
 
-from vtrio.framework._wire import CloseCode, batch_frame, text_frame
+from vtrio.framework._wire import CloseCode, FrameSkipper, batch_frame, text_frame
 
-__all__ = ["Connection", "ConnectionLimits", "Delivery"]
+__all__ = ["Connection", "ConnectionLimits", "Delivery", "OnMessage", "OnOversized"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,10 @@ BATCH_CAP = 500
 """The most change messages one coalesced frame holds."""
 RECEIVE_CHUNK = 1 << 16
 """The most bytes read from a client in one turn of the scheduler."""
+_DISCARDED = bytearray(1 << 20)
+"""Where the bytes of skipped messages go, 1 MiB per turn: nowhere on Linux, where ``recv``
+with ``MSG_TRUNC`` drops them from a TCP socket without copying them."""
+_DROP_FLAGS = socket.MSG_TRUNC if sys.platform == "linux" else 0
 
 OnMessage = Callable[["Connection", str | bytes], None]
 """``on_message(connection, message)``: called for every complete message a client sends.
@@ -44,11 +52,19 @@ OnMessage = Callable[["Connection", str | bytes], None]
 It must not wait: work that takes time runs in a task of the connection's own
 (:meth:`Connection.start_soon`), which ends with the connection."""
 
+OnOversized = Callable[["Connection", int], None]
+"""``on_oversized(connection, size)``: called, instead of ``on_message``, for a message larger
+than ``max_parsed_size`` (and no larger than ``max_message_size``) sent in one frame, which
+was dropped unread. It must not wait."""
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_message_size: int = 1 << 20
     """The largest message a client may send, in bytes (1009 beyond)."""
+    max_parsed_size: int | None = None
+    """The largest message sent in one frame that is decoded, in bytes; a larger one goes to
+    ``on_oversized`` unread (None: as ``max_message_size``)."""
     send_queue_size: int = 1000
     """Messages waiting for one client before it is closed as too slow (4002)."""
     close_timeout: float = 20.0
@@ -98,6 +114,7 @@ class Connection:
         batch: bool,
         limits: ConnectionLimits,
         on_message: OnMessage,
+        on_oversized: OnOversized | None = None,
     ) -> None:
         self.identity = identity
         self.batch = batch
@@ -110,6 +127,11 @@ class Connection:
         self._protocol = protocol
         self._limits = limits
         self._on_message = on_message
+        self._on_oversized = on_oversized
+        parsed = limits.max_message_size
+        if on_oversized is not None and limits.max_parsed_size is not None:
+            parsed = min(parsed, limits.max_parsed_size)
+        self._skipper = FrameSkipper(larger_than=parsed)
         self._unsent: deque[memoryview] = deque()  # whole frames; the first maybe part-written
         self._outbox: deque[tuple[bytes, str | None]] = deque()  # messages not yet framed
         self._flushing = False
@@ -330,20 +352,43 @@ class Connection:
 
     async def _read_until_closed(self) -> None:
         while True:
-            try:
-                data = await self._stream.receive_some(RECEIVE_CHUNK)
-            except trio.BrokenResourceError:
+            if self._skipper.to_drop:
+                if await self._drop_skipped():
+                    continue
                 data = b""
+            else:
+                data = await self._receive_some()
             if not data:  # the peer is gone, close handshake or not
                 if not self.closing:
                     self.close_code = 1006
                 return
-            if self._failed:
-                continue  # drain what the client still sends, unread, until it closes
-            self._protocol.receive_data(data)
-            for event in self._protocol.events():
-                if self._handle(event):
-                    return
+            for part in self._skipper.feed(data):
+                if self._failed:
+                    break  # drain what the client still sends, unread, until it closes
+                if isinstance(part, int):
+                    self._skipped(part)
+                    continue
+                self._protocol.receive_data(part)
+                for event in self._protocol.events():
+                    if self._handle(event):
+                        return
+
+    async def _receive_some(self) -> bytes:
+        try:
+            return await self._stream.receive_some(RECEIVE_CHUNK)
+        except trio.BrokenResourceError:
+            return b""
+
+    async def _drop_skipped(self) -> bool:
+        """Drop what the client sends of a skipped message, in the kernel (on Linux no byte
+        is copied); False if the peer is gone."""
+        size = min(self._skipper.to_drop, len(_DISCARDED))
+        try:
+            dropped = await self._stream.socket.recv_into(_DISCARDED, size, _DROP_FLAGS)
+        except OSError:
+            return False
+        self._skipper.dropped(dropped)
+        return dropped > 0
 
     def _handle(self, event: Event) -> bool:
         """Act on one protocol event; True once the connection is done."""
@@ -372,14 +417,22 @@ class Connection:
             self._send_frame(self._protocol.send(event.response()))
         return True  # CLOSED: the client answered our close
 
+    def _skipped(self, size: int) -> None:
+        """A message sent in one frame was too large to decode: refuse it."""
+        if self.closing:
+            return
+        if size > self._limits.max_message_size:
+            self._close_too_big()
+        elif self._on_oversized is not None:
+            self._on_oversized(self, size)
+
     def _receive_part(self, event: Message[Any]) -> None:
         if self.closing:
             return
         data = event.data
         self._received += _size(data)
         if self._received > self._limits.max_message_size:
-            limit = self._limits.max_message_size
-            self.close(CloseCode.MESSAGE_TOO_BIG, f"messages are limited to {limit} bytes")
+            self._close_too_big()
             self._parts.clear()
             return
         self._parts.append(data)
@@ -388,6 +441,10 @@ class Connection:
             self._parts.clear()
             self._received = 0
             self._on_message(self, message)
+
+    def _close_too_big(self) -> None:
+        limit = self._limits.max_message_size
+        self.close(CloseCode.MESSAGE_TOO_BIG, f"messages are limited to {limit} bytes")
 
 
 def _size(data: str | bytes | bytearray) -> int:

@@ -39,7 +39,7 @@ from wsproto.connection import Connection as Protocol
 from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
-from vtrio.framework._connection import Connection, ConnectionLimits, OnMessage
+from vtrio.framework._connection import Connection, ConnectionLimits, OnMessage, OnOversized
 from vtrio.framework._hub import Hub
 from vtrio.framework._services import Stopping
 from vtrio.framework._wire import CloseCode
@@ -96,6 +96,7 @@ async def serve_listener(
     stopping: Stopping,
     authenticate: Authenticate,
     on_message: OnMessage,
+    on_oversized: OnOversized | None = None,
     http: HttpHandler = not_found,
     limits: ListenerLimits = ListenerLimits(),
 ) -> AsyncIterator[str]:
@@ -107,7 +108,7 @@ async def serve_listener(
     (``/ready`` says 503 too), so that a load balancer sees the stop while clients drain.
     """
     assert hub.nursery is not None, "the hub must be running"
-    endpoint = _Endpoint(hub, stopping, authenticate, on_message, http, limits)
+    endpoint = _Endpoint(hub, stopping, authenticate, (on_message, on_oversized), http, limits)
     raise_open_file_limit(limits.max_connections + limits.max_handshakes + FILES_BESIDES)
     listeners = await trio.open_tcp_listeners(port, host=host)
     for listener in listeners:
@@ -161,14 +162,14 @@ class _Endpoint:
         hub: Hub,
         stopping: Stopping,
         authenticate: Authenticate,
-        on_message: OnMessage,
+        handlers: tuple[OnMessage, OnOversized | None],
         http: HttpHandler,
         limits: ListenerLimits,
     ) -> None:
         self._hub = hub
         self._stopping = stopping
         self._authenticate = authenticate
-        self._on_message = on_message
+        self._on_message, self._on_oversized = handlers
         self._http = http
         self._limits = limits
         self._handshakes = _Handshakes(limits.max_handshakes, limits.handshake_timeout)
@@ -267,6 +268,7 @@ class _Endpoint:
             batch=query.get("batch") != ["0"],
             limits=self._limits.connection,
             on_message=self._on_message,
+            on_oversized=self._on_oversized,
         )
         if identity is None:
             connection.close(CloseCode.UNAUTHENTICATED, "a valid API key is required")

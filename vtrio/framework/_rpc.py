@@ -162,7 +162,9 @@ MAX_REQUEST_SIZE = 256 * 1024
 class RpcEndpoint:
     """Answers the JSON-RPC requests that arrive on every connection.
 
-    Fairness: a frame larger than ``max_request_size`` is refused before it is parsed, and
+    Fairness: a frame larger than ``max_request_size`` is refused before it is parsed (give
+    the connections :attr:`max_request_size` as their ``max_parsed_size`` and
+    :meth:`on_oversized`, and it is not even decoded), and
     parameters with more fields than the method takes are refused before pydantic looks at
     them, so that no request costs the server work out of proportion to a valid one.
     """
@@ -182,13 +184,22 @@ class RpcEndpoint:
         self._max_in_flight = max_in_flight
         self._max_request_size = max_request_size
 
+    @property
+    def max_request_size(self) -> int:
+        """The largest frame read as JSON-RPC, in bytes."""
+        return self._max_request_size
+
+    def on_oversized(self, connection: Connection, size: int) -> None:
+        """Refuse a frame of ``size`` bytes, larger than :attr:`max_request_size`, unread."""
+        problem = f"a request is at most {self._max_request_size} bytes, not {size}"
+        _send(connection, _error_response(None, RpcError(problem, code=INVALID_REQUEST)))
+
     def on_message(self, connection: Connection, frame: str | bytes) -> None:
         """Handle one frame: start its request(s) in tasks of the connection's own (so that
         they end with it). Never raises for bad input, and never waits: errors found here are
         answered at once."""
         if len(frame) > self._max_request_size:
-            problem = f"a request is at most {self._max_request_size} bytes"
-            _send(connection, _error_response(None, RpcError(problem, code=INVALID_REQUEST)))
+            self.on_oversized(connection, len(frame))
             return
         try:
             payload = _parse(frame)
