@@ -25,6 +25,7 @@ from vtrio.framework import (
     DatabaseUnavailable,
     DocumentInvalid,
     DuplicateKey,
+    Metrics,
     Position,
     Stopping,
     find_mongod,
@@ -304,6 +305,32 @@ async def test_concurrent_finds_by_id_are_one_command_each_caller_its_own_answer
                      for n in range(120)}  # fmt: skip
     assert found[0] is not found[60]  # one caller's document is not another's
     assert 1 <= commands.names.count("find") <= 10  # 120 calls, a few commands
+
+
+async def test_the_metrics_say_what_each_job_served_and_how_long_it_waited(
+    mongodb_url: str, db_name: str
+) -> None:
+    metrics = Metrics()
+    async with open_database(
+        mongodb_url, db_name, collections=SPECS, workers=1, metrics=metrics
+    ) as db:
+        await db.samples.insert_one({"_id": "s", "name": "s"})  # one job, one call, fenced
+        async with trio.open_nursery() as nursery:
+            for _ in range(60):
+                nursery.start_soon(db.samples.find_one, {"_id": "s"})
+
+    def value(name: str) -> float:
+        sample = metrics.registry.get_sample_value(name)
+        assert sample is not None, name
+        return sample
+
+    jobs = value("vtrio_mongodb_job_calls_count")
+    assert value("vtrio_mongodb_job_calls_sum") >= 61  # the index check's calls are jobs too
+    assert jobs < 61 - 40  # the 60 finds went in a few coalesced jobs
+    assert value("vtrio_mongodb_queue_seconds_count") == jobs
+    assert value("vtrio_mongodb_job_seconds_count") == jobs
+    assert value("vtrio_mongodb_job_seconds_sum") > 0
+    assert value("vtrio_write_fence_seconds_count") == 1  # the insert waited for its change
 
 
 async def test_concurrent_inserts_are_one_command_and_a_duplicate_fails_its_caller_only(

@@ -62,6 +62,9 @@ async def test_metrics_count_what_happened(app: App, http: httpx.AsyncClient) ->
     inserts = 'vtrio_mongodb_operation_duration_seconds_count{operation="insert_one"} '
     assert any(line.startswith(inserts) and float(line.split()[1]) >= 1 for line in lines)
     assert "vtrio_change_feed_live 1.0" in lines
+    for histogram in ("mongodb_queue_seconds", "mongodb_job_calls", "write_fence_seconds"):
+        assert any(line.startswith(f"vtrio_{histogram}_count ") and float(line.split()[1]) >= 1
+                   for line in lines), histogram  # fmt: skip
     assert "# TYPE vtrio_rpc_duration_seconds histogram" in lines
 
 

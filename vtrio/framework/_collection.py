@@ -528,7 +528,10 @@ class Collection:
         """The write's result, once the feed has read past it (module docstring)."""
         fence = self._shared.fence
         if fence is not None and written.operation_time is not None:
+            started = time.perf_counter()
             await fence(written.operation_time)
+            if self._shared.metrics is not None:
+                self._shared.metrics.write_fence_seconds.observe(time.perf_counter() - started)
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancel while the write ran: now
         return written.result
 

@@ -186,7 +186,7 @@ async def open_database(
     """
     masked = mask_url(url)
     stopping = stopping or Stopping(timeout)
-    pool = Workers(workers)
+    pool = Workers(workers, on_job=None if metrics is None else metrics.observe_job)
     options: dict[str, Any] = {
         "timeoutMS": round(timeout * 1000),
         "appname": "vtrio",

@@ -20,6 +20,7 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1000)
 
 Reading = Callable[[], float | Mapping[str, float]]
 """A gauge's value at scrape time: a number, or numbers by the label's value."""
@@ -55,6 +56,25 @@ class Metrics:
             "Time of a MongoDB operation, queueing for a worker thread included, by kind",
             ["operation"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.mongodb_queue_seconds = Histogram(
+            "vtrio_mongodb_queue_seconds",
+            "Time a MongoDB job waited for a worker thread (high: the threads are saturated)",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.mongodb_job_seconds = Histogram(
+            "vtrio_mongodb_job_seconds",
+            "Time a worker thread spent on one job: a MongoDB call, or a coalesced batch",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.mongodb_job_calls = Histogram(
+            "vtrio_mongodb_job_calls", "Calls one worker-thread job served (coalescing)",
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.write_fence_seconds = Histogram(
+            "vtrio_write_fence_seconds",
+            "Time a write waited, once applied, for the change stream to read and dispatch it",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
         self.mongodb_errors = Counter(
             "vtrio_mongodb_errors_total", "MongoDB operations that failed, by kind",
             ["operation"], registry=self.registry,
@@ -62,6 +82,12 @@ class Metrics:
         self._gauges = _Gauges()
         self.registry.register(self._gauges)
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
+
+    def observe_job(self, queued: float, ran: float, calls: int) -> None:
+        """One worker-thread job: seconds queued and running, calls served (any thread)."""
+        self.mongodb_queue_seconds.observe(queued)
+        self.mongodb_job_seconds.observe(ran)
+        self.mongodb_job_calls.observe(calls)
 
     def gauge(self, name: str, documentation: str, read: Reading, label: str = "") -> None:
         """Report ``read()`` as the gauge ``name`` at every scrape (by ``label`` if given)."""

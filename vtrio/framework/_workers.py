@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import suppress
 from typing import Any, Generic, TypeVar
@@ -36,6 +37,10 @@ MAX_BATCH = 1000
 
 _QUEUED, _RUNNING, _DONE = "queued", "running", "done"
 
+OnJob = Callable[[float, float, int], None]
+"""``on_job(queued, ran, calls)``, in the worker thread after each job: seconds it waited for
+a thread, seconds it ran, and how many calls it served. It must be quick and thread-safe."""
+
 
 class _Caller:
     """One task waiting for its part of a job's result."""
@@ -52,7 +57,7 @@ class _Caller:
 class _Job(Generic[Item]):
     """Work for one thread: ``run(items)`` returns one outcome per caller, in order."""
 
-    __slots__ = ("callers", "key", "run", "state")
+    __slots__ = ("callers", "key", "queued_at", "run", "state")
 
     def __init__(
         self, run: Callable[[list[Item]], Sequence[outcome.Outcome[Any]]], key: Hashable
@@ -61,6 +66,7 @@ class _Job(Generic[Item]):
         self.key = key
         self.callers: list[_Caller] = []
         self.state = _QUEUED
+        self.queued_at = time.perf_counter()
 
 
 class Workers:
@@ -71,10 +77,11 @@ class Workers:
     threads are daemon threads, so none can hold the process's exit.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, on_job: OnJob | None = None) -> None:
         if count < 1:
             raise ValueError(f"there must be at least one worker thread, not {count}")
         self._count = count
+        self._on_job = on_job
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards job states and callers lists, across threads
         self._open: dict[Hashable, _Job[Any]] = {}  # joinable jobs still queued, by key
@@ -160,7 +167,12 @@ class Workers:
                 job.state = _RUNNING
                 items = [caller.item for caller in job.callers]
             if items:
-                self._finish(job, self._results(job, items))
+                started = time.perf_counter()
+                results = self._results(job, items)
+                if self._on_job is not None:
+                    ran = time.perf_counter() - started
+                    self._on_job(started - job.queued_at, ran, len(items))
+                self._finish(job, results)
 
     def _results(self, job: _Job[Any], items: list[Any]) -> Sequence[outcome.Outcome[Any]]:
         try:
