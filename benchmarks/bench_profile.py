@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import trio
 
 from benchmarks import phases
@@ -134,6 +135,9 @@ async def run(ctx: Context) -> None:
             writer_process(ctx, server, WRITER_CONNECTIONS) as writer,
         ):
             await phases.warm_up(writer, ids, min(1.0, window))
+            before = await _scrape(server.url)
+            unprofiled = await phases.warm_up(writer, ids, window)
+            latency = _latency(before, await _scrape(server.url), max(1, unprofiled))
             argv = [py_spy, "record", "--pid", str(server.pid), "--rate", str(RATE),
                     "--format", "raw", "--threads", "--nonblocking",
                     "--duration", str(window), "--output", str(out)]  # fmt: skip
@@ -145,7 +149,61 @@ async def run(ctx: Context) -> None:
     if not out.exists():
         raise Skipped("py-spy could not sample the server (is ptrace allowed?)")
     cpu = {tid: cpu1[tid] - cpu0.get(tid, 0) for tid in cpu1}
+    report_latency(ctx, n, unprofiled / window, latency)
     report(ctx, n, max(1, writes), cpu, Profile.parse(out.read_text()))
+
+
+LATENCY_PARTS = (
+    ('vtrio_rpc_duration_seconds{method="samples.update"}', "samples.update, parsed to answered"),
+    ('vtrio_mongodb_operation_duration_seconds{operation="find_one_and_update"}',
+     "  its find_one_and_update, queue and fence included"),
+    ("vtrio_mongodb_queue_seconds", "    waiting for a worker thread, per job"),
+    ("vtrio_mongodb_job_seconds", "    the job in its thread (MongoDB round trips), per job"),
+    ("vtrio_write_fence_seconds", "    waiting for the change stream to dispatch it"),
+)  # fmt: skip
+"""(a histogram, what its mean is) for the latency breakdown; the rest of the operation's
+time is the hand-back from the worker thread to trio."""
+
+
+async def _scrape(url: str) -> dict[str, float]:
+    """Every ``_sum`` and ``_count`` of the server's /metrics, by name and labels."""
+    base = url.replace("ws://", "http://", 1).rsplit("/", 1)[0]
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{base}/metrics")).text
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.partition("{")[0].endswith(("_sum", "_count")):
+            values[name] = float(value)
+    return values
+
+
+def _latency(before: dict[str, float], after: dict[str, float], writes: int) -> dict[str, float]:
+    """Mean seconds of each part over the window; and calls per worker-thread job."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    means = {}
+    for histogram, part in LATENCY_PARTS:
+        name, brace, labels = histogram.partition("{")
+        count = delta(f"{name}_count{brace}{labels}")
+        means[part] = delta(f"{name}_sum{brace}{labels}") / count if count else float("nan")
+    jobs = delta("vtrio_mongodb_job_calls_count")
+    means["calls per job"] = delta("vtrio_mongodb_job_calls_sum") / jobs if jobs else 0.0
+    return means
+
+
+def report_latency(ctx: Context, n: int, writes_per_s: float, means: dict[str, float]) -> None:
+    lines = [f"{NAME}: latency, {n} clients, {writes_per_s:,.0f} writes/s, no profiler attached"
+             f" (means):"]  # fmt: skip
+    for part, seconds in means.items():
+        if part == "calls per job":
+            lines.append(f"  {seconds:8.1f}     {part}")
+            continue
+        _record_figure(ctx, f"latency: {part.strip()}", seconds * 1e6)
+        lines.append(f"  {seconds * 1e3:8.2f} ms  {part}")
+    ctx.log("\n".join(lines))
 
 
 async def _record(argv: list[str]) -> None:
