@@ -14,13 +14,13 @@ writer process calls ``samples.update`` over JSON-RPC on 2 connections:
 
 Every write is a real one, as a client would cause, and is acknowledged only once its change
 has gone out: vtrio makes one ``findAndModify`` whose filter checks the caller's rights
-(concurrent ones on one sample id are coalesced into one bulk update and one read-back) and
-answers once its change stream has read the change and handed it to every connection (the
-write fence); the baseline makes the same ``findAndModify`` and answers after its in-process
-dispatch. So writes/s is bounded by the fan-out as well as by MongoDB. Each change also reaches
-the writer's own 2 connections (both servers send every change to every connection whose user
-may see it); deliveries count the N clients only. The clients' own CPU per delivery is
-reported too, to show they are not the bottleneck.
+(concurrent ones are coalesced into one bulk update, each caller's document then taken from
+the change stream) and answers once its change stream has read the change and handed it to
+every connection (the write fence); the baseline makes the same ``findAndModify`` and answers
+after its in-process dispatch. So writes/s is bounded by the fan-out as well as by MongoDB. Each
+change also reaches the writer's own 2 connections (both servers send every change to every
+connection whose user may see it); deliveries count the N clients only. The clients' own CPU
+per delivery is reported too, to show they are not the bottleneck.
 """
 
 from __future__ import annotations

@@ -62,14 +62,16 @@ class Recorder:
 
 
 class Commands(monitoring.CommandListener):
-    """Records the name of every command sent; ``on_started`` runs in the sending thread."""
+    """Records the name of every command the layer sends (not the change stream's thread);
+    ``on_started`` runs in the sending thread."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.on_started: Callable[[monitoring.CommandStartedEvent], None] | None = None
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name not in ("getMore", "aggregate", "hello", "endSessions"):
+        ignored = event.command_name in ("getMore", "aggregate", "hello", "endSessions")
+        if not ignored and threading.current_thread().name != "vtrio-changes":
             self.names.append(event.command_name)
         if self.on_started is not None:
             self.on_started(event)
@@ -100,6 +102,16 @@ async def db(
     ) as database:
         assert database.changes is not None
         database.changes.subscribe(recorder)
+        yield database
+
+
+@pytest.fixture
+async def one_worker(mongodb_url: str, db_name: str, commands: Commands) -> AsyncIterator[Database]:
+    """A database served by one worker thread, so that concurrent calls queue and coalesce."""
+    async with open_database(
+        mongodb_url, db_name, collections=SPECS, workers=1,
+        client_options={"event_listeners": [commands]},
+    ) as database:  # fmt: skip
         yield database
 
 
@@ -285,22 +297,19 @@ async def test_a_standalone_mongod_is_refused_with_the_reason(tmp_path: Any) -> 
 
 
 async def test_concurrent_finds_by_id_are_one_command_each_caller_its_own_answer(
-    mongodb_url: str, db_name: str, commands: Commands
+    one_worker: Database, commands: Commands
 ) -> None:
-    async with open_database(
-        mongodb_url, db_name, collections=SPECS, workers=1,
-        client_options={"event_listeners": [commands]},
-    ) as db:  # fmt: skip
-        await db.samples.insert_many([{"_id": n, "name": str(n)} for n in range(50)])
-        found: dict[int, Any] = {}
+    db = one_worker
+    await db.samples.insert_many([{"_id": n, "name": str(n)} for n in range(50)])
+    found: dict[int, Any] = {}
 
-        async def find(n: int) -> None:
-            found[n] = await db.samples.find_one({"_id": n % 60})
+    async def find(n: int) -> None:
+        found[n] = await db.samples.find_one({"_id": n % 60})
 
-        commands.names.clear()
-        async with trio.open_nursery() as nursery:
-            for n in range(120):
-                nursery.start_soon(find, n)
+    commands.names.clear()
+    async with trio.open_nursery() as nursery:
+        for n in range(120):
+            nursery.start_soon(find, n)
     assert found == {n: ({"_id": n % 60, "name": str(n % 60)} if n % 60 < 50 else None)
                      for n in range(120)}  # fmt: skip
     assert found[0] is not found[60]  # one caller's document is not another's
@@ -334,72 +343,105 @@ async def test_the_metrics_say_what_each_job_served_and_how_long_it_waited(
 
 
 async def test_concurrent_inserts_are_one_command_and_a_duplicate_fails_its_caller_only(
-    mongodb_url: str, db_name: str, commands: Commands
+    one_worker: Database, commands: Commands
 ) -> None:
-    async with open_database(
-        mongodb_url, db_name, collections=SPECS, workers=1,
-        client_options={"event_listeners": [commands]},
-    ) as db:  # fmt: skip
-        await db.samples.insert_one({"_id": "taken"})
-        outcomes: dict[Any, Any] = {}
+    db = one_worker
+    await db.samples.insert_one({"_id": "taken"})
+    outcomes: dict[Any, Any] = {}
 
-        async def insert(doc_id: Any) -> None:
-            try:
-                outcomes[doc_id] = (await db.samples.insert_one({"_id": doc_id}))["_id"]
-            except DuplicateKey as exc:
-                outcomes[doc_id] = exc
+    async def insert(doc_id: Any) -> None:
+        try:
+            outcomes[doc_id] = (await db.samples.insert_one({"_id": doc_id}))["_id"]
+        except DuplicateKey as exc:
+            outcomes[doc_id] = exc
 
-        commands.names.clear()
-        async with trio.open_nursery() as nursery:
-            for doc_id in [*range(40), "taken", *range(40, 80)]:
-                nursery.start_soon(insert, doc_id)
-        assert isinstance(outcomes.pop("taken"), DuplicateKey)
-        assert outcomes == {n: n for n in range(80)}
-        assert await db.samples.count_documents({}) == 81
+    commands.names.clear()
+    async with trio.open_nursery() as nursery:
+        for doc_id in [*range(40), "taken", *range(40, 80)]:
+            nursery.start_soon(insert, doc_id)
+    assert isinstance(outcomes.pop("taken"), DuplicateKey)
+    assert outcomes == {n: n for n in range(80)}
+    assert await db.samples.count_documents({}) == 81
     assert commands.names.count("insert") <= 10
 
 
 async def test_concurrent_updates_by_id_are_one_bulk_update_each_caller_its_own_answer(
-    mongodb_url: str, db_name: str, commands: Commands
+    one_worker: Database, commands: Commands
 ) -> None:
-    async with open_database(
-        mongodb_url, db_name, collections=SPECS, workers=1,
-        client_options={"event_listeners": [commands]},
-    ) as db:  # fmt: skip
-        await db.samples.create_index("name", unique=True)
-        await db.samples.insert_many([{"_id": n, "name": str(n), "v": 0} for n in range(40)])
+    db = one_worker
+    await db.samples.create_index("name", unique=True)
+    await db.samples.insert_many([{"_id": n, "name": str(n), "v": 0} for n in range(40)])
+    answers: dict[int, Any] = {}
+
+    async def update(n: int) -> None:
+        # Odd ones ask for a condition no document meets; 10 asks for a name another has.
+        only = {"v": 0} if n % 2 == 0 else {"v": -1}
+        name = {"name": "12"} if n == 10 else {}
+        try:
+            answers[n] = await db.samples.find_one_and_update(
+                {"$and": [{"_id": n}, only]}, {"$set": {"host": f"h{n}", **name}}
+            )
+        except DuplicateKey as exc:
+            answers[n] = exc
+
+    commands.names.clear()
+    async with trio.open_nursery() as nursery:
+        for n in range(40):
+            nursery.start_soon(update, n)
+    assert isinstance(answers.pop(10), DuplicateKey)
+    assert answers == {
+        n: {"_id": n, "name": str(n), "v": 0, "host": f"h{n}"} if n % 2 == 0 else None
+        for n in range(40) if n != 10
+    }  # fmt: skip
+    assert "update" in commands.names  # a bulk update went out
+    assert commands.names.count("update") <= 5
+    # An update of a field its filter tests is not coalesced: one findAndModify each.
+    commands.names.clear()
+    async with trio.open_nursery() as nursery:
+        for n in range(0, 40, 2):
+            nursery.start_soon(db.samples.find_one_and_update,
+                               {"_id": n, "v": 0}, {"$set": {"v": 1}})  # fmt: skip
+    assert commands.names.count("findAndModify") == 20
+    assert await db.samples.count_documents({"v": 1}) == 20
+
+
+async def test_coalesced_updates_that_change_their_documents_take_them_from_the_feed(
+    one_worker: Database, commands: Commands, mongodb_url: str, db_name: str
+) -> None:
+    db = one_worker
+    await db.samples.insert_many([{"_id": n, "name": str(n), "v": 0} for n in range(40)])
+
+    async def update_all(value: Callable[[int], int]) -> dict[int, Any]:
         answers: dict[int, Any] = {}
 
         async def update(n: int) -> None:
-            # Odd ones ask for a condition no document meets; 10 asks for a name another has.
-            only = {"v": 0} if n % 2 == 0 else {"v": -1}
-            name = {"name": "12"} if n == 10 else {}
-            try:
-                answers[n] = await db.samples.find_one_and_update(
-                    {"$and": [{"_id": n}, only]}, {"$set": {"host": f"h{n}", **name}}
-                )
-            except DuplicateKey as exc:
-                answers[n] = exc
+            answers[n] = await db.samples.find_one_and_update(
+                {"_id": n}, {"$set": {"v": value(n)}}, projection=["v"]
+            )
 
         commands.names.clear()
         async with trio.open_nursery() as nursery:
             for n in range(40):
                 nursery.start_soon(update, n)
-        assert isinstance(answers.pop(10), DuplicateKey)
-        assert answers == {
-            n: {"_id": n, "name": str(n), "v": 0, "host": f"h{n}"} if n % 2 == 0 else None
-            for n in range(40) if n != 10
-        }  # fmt: skip
-        assert "update" in commands.names  # a bulk update went out
-        assert commands.names.count("update") <= 5
-        # An update of a field its filter tests is not coalesced: one findAndModify each.
-        commands.names.clear()
-        async with trio.open_nursery() as nursery:
-            for n in range(0, 40, 2):
-                nursery.start_soon(db.samples.find_one_and_update,
-                                   {"_id": n, "v": 0}, {"$set": {"v": 1}})  # fmt: skip
-        assert commands.names.count("findAndModify") == 20
-        assert await db.samples.count_documents({"v": 1}) == 20
+        assert answers == {n: {"_id": n, "v": value(n)} for n in range(40)}
+        assert "update" in commands.names  # coalesced into bulk updates
+        return answers
+
+    # Every update changed its document: each comes from the feed, none read back.
+    await update_all(lambda n: n + 1)
+    assert "find" not in commands.names
+    assert db.changes is not None
+    assert db.changes.document("samples", 0) is None  # nothing kept once no writer waits
+    # Half change nothing (no change event): the lot is read back.
+    await update_all(lambda n: n + 1 if n % 2 else n + 2)
+    assert "find" in commands.names
+    # Another program turned post-images off: the changes carry no document to take.
+    with pymongo.MongoClient(mongodb_url) as other:
+        other[db_name].command(
+            "collMod", "samples", changeStreamPreAndPostImages={"enabled": False}
+        )
+    await update_all(lambda n: n + 3)
+    assert "find" in commands.names
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -590,21 +632,18 @@ async def test_a_write_cancelled_once_sent_completes_then_raises_cancelled(
 
 
 async def test_a_write_cancelled_before_it_is_sent_does_nothing(
-    mongodb_url: str, db_name: str, commands: Commands
+    one_worker: Database, commands: Commands
 ) -> None:
-    async with open_database(
-        mongodb_url, db_name, collections=SPECS, workers=1,
-        client_options={"event_listeners": [commands]},
-    ) as db:  # fmt: skip
-        sent, proceed = hold_inserts(commands)  # the one worker is busy with this insert
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(db.samples.insert_one, {"_id": "first"})
-            assert await trio.to_thread.run_sync(sent.wait, 5)
-            with trio.move_on_after(0.1) as scope:
-                await db.samples.update_one({"_id": "first"}, {"$set": {"never": True}})
-            proceed.set()
-        assert scope.cancelled_caught
-        assert await db.samples.find_one({"_id": "first"}) == {"_id": "first"}
+    db = one_worker
+    sent, proceed = hold_inserts(commands)  # the one worker is busy with this insert
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.samples.insert_one, {"_id": "first"})
+        assert await trio.to_thread.run_sync(sent.wait, 5)
+        with trio.move_on_after(0.1) as scope:
+            await db.samples.update_one({"_id": "first"}, {"$set": {"never": True}})
+        proceed.set()
+    assert scope.cancelled_caught
+    assert await db.samples.find_one({"_id": "first"}) == {"_id": "first"}
 
 
 async def test_a_cancelled_read_returns_at_once(mongodb_url: str, db_name: str) -> None:

@@ -17,11 +17,10 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
-import bson
 import outcome
 import pymongo
 import trio
@@ -35,7 +34,15 @@ from pymongo.read_concern import ReadConcern
 
 from vtrio.framework._changes import CollectionSpec
 from vtrio.framework._db_errors import DatabaseError, translate
-from vtrio.framework._documents import Document, Projection, check_simple, inclusion, project
+from vtrio.framework._documents import (
+    Document,
+    Projection,
+    check_simple,
+    id_key,
+    inclusion,
+    project,
+)
+from vtrio.framework._feed import ChangeFeed
 from vtrio.framework._metrics import Metrics
 from vtrio.framework._workers import Workers
 
@@ -45,8 +52,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Filter = Mapping[str, Any]
-Fence = Callable[[Timestamp], Awaitable[object]]
-"""``await fence(operation_time)``: returns once the change feed has read past that time."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Shared:
     workers: Workers
     timeout: float
     url: str  # masked
-    fence: Fence | None  # None: no feed (an admin command), nothing to wait for
+    feed: ChangeFeed | None  # None: no feed (an admin command), nothing to wait for
     metrics: Metrics | None = None
 
 
@@ -108,6 +113,8 @@ class _Written(Generic[T]):
 
     result: T
     operation_time: Timestamp | None
+    in_feed: bool = False
+    """The result is not here: it is the document as the feed will have it after the fence."""
 
 
 class Collection:
@@ -256,9 +263,12 @@ class Collection:
         return it after the update (``projection`` applied), or None. 1 round trip.
 
         Concurrent calls that pin one ``_id``, only ``$set`` or ``$unset`` fields, and change
-        none of the fields their filter tests, are coalesced into one bulk update and one
-        read-back (2 round trips for the lot): each caller then gets its document as it is
-        after the bulk update (which includes the changes of any others made to it meanwhile).
+        none of the fields their filter tests, are coalesced into one bulk update. When each
+        of them changed its document (1 round trip for the lot), each caller gets its document
+        from the change feed, as its change or a later one left it, once the fence has passed;
+        one the feed no longer holds is read. Otherwise one read-back follows (2 round trips):
+        each caller then gets its document as it is after the bulk update (which includes the
+        changes of any others made to it meanwhile).
         When some of the lot matched nothing, the reply does not say which: those are asked
         again one by one (harmless, as setting a field to its value changes nothing; a
         document whose filter fields another writer changed in that instant may then be told
@@ -268,11 +278,12 @@ class Collection:
         check_simple(projection)
         pinned = _pinned_id(filter)
         if pinned is not None and sort is None and not upsert and _coalescible(filter, update):
-            written: _Written[Document | None] = await self._shared.workers.join(
-                ("update", self.name), (filter, update, pinned), self._update_all,
-                abandon_on_cancel=False,
-            )  # fmt: skip
-            doc = await self._fenced(written)
+            with self._keeping(pinned):
+                written: _Written[Document | None] = await self._shared.workers.join(
+                    ("update", self.name), (filter, update, pinned), self._update_all,
+                    abandon_on_cancel=False,
+                )  # fmt: skip
+                doc = await self._fenced_document(written, pinned)
             return None if doc is None else project(doc, projection)
 
         def write(session: ClientSession) -> _Written[Document | None]:
@@ -400,6 +411,12 @@ class Collection:
                     if exc.details.get("writeConcernErrors"):
                         raise  # every update of the command is in doubt
                     failed, matched = self._failed_writes(exc), exc.details.get("nMatched", 0)
+                if not failed and result.modified_count == len(items) and self._shared.feed:
+                    # Each one changed its document: the feed will have each as it left it.
+                    written: _Written[Document | None] = _Written(
+                        None, session.operation_time, in_feed=True
+                    )
+                    return [outcome.Value(written) for _ in items]
                 if matched == len(items) - len(failed):
                     return self._read_back(items, failed, session)
                 return [
@@ -430,17 +447,17 @@ class Collection:
         time: the documents then show no write, from anywhere, later than that time, so the
         fence on it covers every change they show. (A local read may show a write that is
         still committing, at a time past the one its reply gives.)"""
-        ids = list({_key(id_): id_ for _, _, id_ in items}.values())
+        ids = list({id_key(id_): id_ for _, _, id_ in items}.values())
         committed = self._collection.with_options(read_concern=_MAJORITY)
         docs = committed.find({"_id": {"$in": ids}}, limit=len(ids), session=session)
-        found = {_key(doc["_id"]): doc for doc in docs}
+        found = {id_key(doc["_id"]): doc for doc in docs}
         operation_time = session.operation_time
         answers: list[outcome.Outcome[_Written[Document | None]]] = []
         for index, (_, _, id_) in enumerate(items):
             if index in failed:
                 answers.append(outcome.Error(failed[index]))
             else:
-                doc = found.get(_key(id_))  # gone already: deleted in this instant
+                doc = found.get(id_key(id_))  # gone already: deleted in this instant
                 answers.append(outcome.Value(_Written(dict(doc) if doc else None, operation_time)))
         return answers
 
@@ -471,22 +488,22 @@ class Collection:
             with pymongo.timeout(self._shared.timeout):
                 if len(ids) == 1:
                     doc = self._collection.find_one({"_id": ids[0]}, projection)
-                    found = {} if doc is None else {_key(ids[0]): doc}
+                    found = {} if doc is None else {id_key(ids[0]): doc}
                 else:
                     # The limit makes it one round trip: without one, the cursor stays open
                     # and pymongo sends an empty getMore after the batch (5x slower).
-                    unique = list({_key(id_): id_ for id_ in ids}.values())
+                    unique = list({id_key(id_): id_ for id_ in ids}.values())
                     docs = self._collection.find(
                         {"_id": {"$in": unique}}, projection, limit=len(unique)
                     )
-                    found = {_key(doc["_id"]): doc for doc in docs}
+                    found = {id_key(doc["_id"]): doc for doc in docs}
         except PyMongoError as exc:
             error = self._error(exc, write=False)
             return [outcome.Error(error) for _ in ids]
         answers: list[outcome.Outcome[Document | None]] = []
         given: set[Hashable] = set()
         for id_ in ids:
-            doc = found.get(key := _key(id_))
+            doc = found.get(key := id_key(id_))
             answers.append(outcome.Value(dict(doc) if doc is not None and key in given else doc))
             given.add(key)
         return answers
@@ -526,14 +543,39 @@ class Collection:
 
     async def _fenced(self, written: _Written[T]) -> T:
         """The write's result, once the feed has read past it (module docstring)."""
-        fence = self._shared.fence
-        if fence is not None and written.operation_time is not None:
+        await self._fence(written)
+        return written.result
+
+    async def _fenced_document(
+        self, written: _Written[Document | None], id_: Any
+    ) -> Document | None:
+        """A coalesced update's document, once the feed has read past it: from the feed when
+        the write left it there, else read (the feed was behind, or no longer has it)."""
+        passed = await self._fence(written)
+        if not written.in_feed:
+            return written.result
+        feed = self._shared.feed
+        doc = feed.document(self.name, id_) if passed and feed is not None else None
+        return doc if doc is not None else await self._find_by_id(id_, None)
+
+    def _keeping(self, id_: Any) -> AbstractContextManager[None]:
+        """While inside, the feed keeps document ``id_`` as changes leave it."""
+        feed = self._shared.feed
+        return nullcontext() if feed is None else feed.keeping(self.name, id_)
+
+    async def _fence(self, written: _Written[Any]) -> bool:
+        """Wait for the feed to read past the write, if it changed anything; false if the
+        feed was that far behind (the changes come later).
+
+        Cancellation: raises Cancelled after the wait if cancelled while the write ran."""
+        feed, passed = self._shared.feed, True
+        if feed is not None and written.operation_time is not None:
             started = time.perf_counter()
-            await fence(written.operation_time)
+            passed = await feed.wait_past(written.operation_time, self._shared.timeout)
             if self._shared.metrics is not None:
                 self._shared.metrics.write_fence_seconds.observe(time.perf_counter() - started)
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancel while the write ran: now
-        return written.result
+        return passed
 
     def _error(self, exc: PyMongoError, *, write: bool) -> DatabaseError:
         shared = self._shared
@@ -599,8 +641,3 @@ def _projection_key(projection: Projection | None) -> Hashable:
 
 
 _MAJORITY = ReadConcern("majority")
-
-
-def _key(value: Any) -> Hashable:
-    """A hashable stand-in for an ``_id`` (which may be a document)."""
-    return value if isinstance(value, Hashable) else bson.encode({"_id": value})

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import pymongo
 import trio
-from bson import Timestamp
 from pymongo import IndexModel, MongoClient
 from pymongo.database import Database as PymongoDatabase
 from pymongo.errors import PyMongoError
@@ -212,8 +211,7 @@ async def open_database(
             feed = await stack.enter_async_context(
                 open_feed(feed_client[name], collections, history_size=history_size)
             )
-        fence = None if feed is None else _fence(feed, timeout)
-        shared = Shared(workers=pool, timeout=timeout, url=masked, fence=fence, metrics=metrics)
+        shared = Shared(workers=pool, timeout=timeout, url=masked, feed=feed, metrics=metrics)
         database = Database(client[name], collections, shared, feed)
         await _create_indexes(database, collections)
         yield database
@@ -235,13 +233,6 @@ def _feed_options(options: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         "serverSelectionTimeoutMS": milliseconds,
         "maxPoolSize": 8,  # the live stream's, and the replays the hub runs at once
     }
-
-
-def _fence(feed: ChangeFeed, timeout: float) -> Callable[[Timestamp], Any]:
-    async def fence(operation_time: Timestamp) -> bool:
-        return await feed.wait_past(operation_time, timeout)
-
-    return fence
 
 
 _ABANDONED = DatabaseUnavailable(

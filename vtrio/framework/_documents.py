@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
+
+import bson
 
 from vtrio.framework._changes import check_top_level
 
@@ -70,3 +72,8 @@ def _included(projection: Projection) -> list[str]:
     if isinstance(projection, Mapping):
         return [field for field, value in projection.items() if value and field != "_id"]
     return [field for field in projection if field != "_id"]
+
+
+def id_key(value: Any) -> Hashable:
+    """A hashable stand-in for an ``_id`` (which may be a document)."""
+    return value if isinstance(value, Hashable) else bson.encode({"_id": value})

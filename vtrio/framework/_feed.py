@@ -31,8 +31,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,7 +45,7 @@ from pymongo.database import Database as PymongoDatabase
 from pymongo.errors import OperationFailure, PyMongoError
 
 from vtrio.framework._changes import Change, CollectionSpec, Operation
-from vtrio.framework._documents import project
+from vtrio.framework._documents import Document, id_key, project
 
 __all__ = ["ChangeFeed", "HistoryLost", "Position", "open_feed"]
 
@@ -62,6 +62,11 @@ REPLAY_BATCH = 1000
 _LAST_ORDINAL = 0xFFFFFF
 HISTORY_LOST_CODES = frozenset({136, 280, 286})  # CappedPositionLost, ...Fatal, ...HistoryLost
 _RESET_EVENTS = frozenset({"drop", "rename", "dropDatabase", "invalidate"})
+
+
+Image = tuple[str, Any, Document | None]
+"""``(collection, id, document)``: the document exactly as a change left it (its post-image);
+None if the change left none (a delete, or an update made while images were off)."""
 
 
 class HistoryLost(Exception):
@@ -123,6 +128,10 @@ class ChangeFeed:
         self._specs = dict(specs)
         self._history: deque[Change] = deque()
         self._history_size = history_size
+        # The documents writers wait for (see keeping()): how many wait for each, and each
+        # one's post-image as the last change read left it (None: not known).
+        self._kept: Counter[tuple[str, Hashable]] = Counter()
+        self._images: dict[tuple[str, Hashable], Document | None] = {}
         self.floor = Position.before(start)
         """The history holds every change after this position."""
         self.position = self.floor
@@ -164,6 +173,36 @@ class ChangeFeed:
             return True
         log.warning("the change stream is %.1f s or more behind a write", timeout)
         return False
+
+    @contextmanager
+    def keeping(self, collection: str, id: Any) -> Iterator[None]:
+        """Keep the document ``id`` of ``collection`` as each change read from now on leaves
+        it, for :meth:`document`, until the block ends.
+
+        For a writer that needs its document back: entered before the write is sent, then
+        left, it holds one document for as long as the write and its fence take; no more is
+        kept than writers are waiting."""
+        key = (collection, id_key(id))
+        self._kept[key] += 1
+        try:
+            yield
+        finally:
+            self._kept[key] -= 1
+            if not self._kept[key]:
+                del self._kept[key]
+                self._images.pop(key, None)
+
+    def document(self, collection: str, id: Any) -> Document | None:
+        """The document ``id`` of ``collection`` (a copy) exactly as the last change to it
+        that the feed read inside :meth:`keeping` left it, if that change had a post-image;
+        else None (ask MongoDB).
+
+        A writer that waited for the feed to read past its write, a write that changed the
+        document (one that changes nothing makes no change), gets the document as its write
+        or a later one left it without reading it back: the state of a change the feed has
+        already handed to every subscriber."""
+        image = self._images.get((collection, id_key(id)))
+        return None if image is None else dict(image)
 
     def history_after(self, position: Position, limit: int) -> list[Change] | None:
         """Up to ``limit`` changes after ``position`` from memory, in order; None if memory
@@ -229,9 +268,14 @@ class ChangeFeed:
 
     # ---- the event loop's side of the stream -------------------------------------------------
 
-    def _received(self, changes: list[Change], read_to: Timestamp, whole: bool, lag: float) -> None:
-        """Runs on the event loop: one batch the thread read, in order; the stream has read up
-        to ``read_to``, and ``whole``: everything at ``read_to`` too."""
+    def _received(
+        self, changes: list[Change], images: list[Image], read_to: Timestamp, whole: bool,
+        lag: float,
+    ) -> None:  # fmt: skip
+        """Runs on the event loop: one batch the thread read, in order, with the documents it
+        left; the stream has read up to ``read_to``, and ``whole``: everything at ``read_to``
+        too."""
+        self._keep_images(images)
         if changes:
             self._remember(changes)
             self.position = Position.parse(changes[-1].position)
@@ -250,6 +294,14 @@ class ChangeFeed:
         while len(self._history) > self._history_size:
             self.floor = Position.parse(self._history.popleft().position)
 
+    def _keep_images(self, images: list[Image]) -> None:
+        if not self._kept:
+            return
+        for collection, id, document in images:
+            key = (collection, id_key(id))
+            if key in self._kept:
+                self._images[key] = document
+
     def _pass_fences(self) -> None:
         if not self._fences:
             return
@@ -264,6 +316,7 @@ class ChangeFeed:
     def _reset(self, start: Timestamp) -> None:
         """Runs on the event loop: the stream skipped ahead to ``start``."""
         self._history.clear()
+        self._images.clear()  # the changes skipped may have changed them
         self.floor = self.position = Position.before(start)
         self._read_to = max(self._read_to, start)
         for _, on_reset in list(self._subscribers):
@@ -338,8 +391,9 @@ class ChangeFeed:
                         position = Position.parse(batch[-1].position)
                     lag = _lag(cursor.last_wall_time)
                     token.run_sync_soon(
-                        self._received, batch, cursor.read_to, cursor.read_whole, lag
-                    )
+                        self._received, batch, cursor.images, cursor.read_to,
+                        cursor.read_whole, lag,
+                    )  # fmt: skip
                     backoff.reset()
         except _Reset as reset:
             log.warning("the change stream skipped ahead: %s; clients will reload", reset)
@@ -405,6 +459,8 @@ class _Cursor:
         :attr:`read_whole` (its last batch was empty: MongoDB's high-water mark)."""
         self.read_whole = False
         self.last_wall_time: datetime | None = None
+        self.images: list[Image] = []
+        """The documents the last batch's changes left, in order."""
 
     def __enter__(self) -> _Cursor:
         pipeline = [
@@ -448,6 +504,7 @@ class _Cursor:
 
         Error handling: after any failure, a batch may have been lost on its way: the stream
         must be opened again from the last change had, not continued."""
+        self.images = []
         if self._pending:
             events, self._pending = self._pending, []
         else:
@@ -480,7 +537,10 @@ class _Cursor:
         if kind in _RESET_EVENTS:
             raise _Reset(f"{kind} of {event.get('ns', {}).get('coll', 'the database')}",
                          _now(self._database))  # fmt: skip
-        return change_of(event, self._specs, str(position), self._database)
+        change = change_of(event, self._specs, str(position), self._database)
+        if change is not None:
+            self.images.append((change.collection, change.id, event.get("fullDocument")))
+        return change
 
     def _count(self, cluster_time: Timestamp) -> Position:
         ordinal = self._last[1] + 1 if cluster_time == self._last[0] else 1
