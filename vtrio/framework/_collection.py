@@ -406,13 +406,16 @@ class Collection:
                 failed: dict[int, DatabaseError] = {}
                 try:
                     result = self._collection.bulk_write(requests, ordered=False, session=session)
-                    matched = result.matched_count
+                    matched, modified = result.matched_count, result.modified_count
                 except BulkWriteError as exc:
                     if exc.details.get("writeConcernErrors"):
                         raise  # every update of the command is in doubt
-                    failed, matched = self._failed_writes(exc), exc.details.get("nMatched", 0)
-                if not failed and result.modified_count == len(items) and self._shared.feed:
-                    # Each one changed its document: the feed will have each as it left it.
+                    failed = self._failed_writes(exc)
+                    matched = exc.details.get("nMatched", 0)
+                    modified = exc.details.get("nModified", 0)
+                if modified == len(items) and self._shared.feed is not None:
+                    # Each one changed its document (so none failed): the feed will have each
+                    # as it left it.
                     written: _Written[Document | None] = _Written(
                         None, session.operation_time, in_feed=True
                     )
