@@ -27,6 +27,7 @@ from vtrio.framework import (
     PARSE_ERROR,
     SHUTTING_DOWN,
     CloseCode,
+    ConnectionLimits,
 )
 from vtrio.server import App, open_app
 
@@ -254,12 +255,63 @@ async def test_a_huge_frame_is_refused_unread_and_the_connection_serves_on(app: 
         [refusal] = await client.frames(1)
         assert refusal["id"] is None and refusal["error"]["code"] == INVALID_REQUEST
         assert f"not {MAX_REQUEST_SIZE + 1}" in refusal["error"]["message"]
-        request = {"jsonrpc": "2.0", "id": 1, "method": "system.info", "params": {}}
-        await client.sock.send(frame(0x1, json.dumps(request).encode()))
-        [answer] = await client.frames(1)
-        assert answer["id"] == 1 and "version" in answer["result"]
+        await _answers_system_info(client)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "count", "code"),
+    [(b"\xff" * ((1 << 20) - 64), 22, INVALID_REQUEST), (b"x" * (250 << 10), 100, PARSE_ERROR)],
+    ids=["too large", "not JSON"],
+)
+async def test_a_client_whose_messages_keep_being_refused_is_read_slower(
+    app: App, payload: bytes, count: int, code: int
+) -> None:
+    """Past its burst of refused bytes, a client is read no faster than the refused rate, so
+    its last refusal cannot come sooner than the rate allows (unpaced, this takes ~30 ms),
+    while another client is answered meanwhile and the paced one is served on afterwards."""
+    limits = ConnectionLimits()
+    sent = count * len(payload)
+    assert sent - len(payload) > limits.refused_burst + limits.refused_rate * 0.25
+    attacker = await RawClient.connect(app.url, await new_key(app))
+    answered_meanwhile: list[float] = []
+    try:
+        async with rpc_client(app, "victim") as victim, trio.open_nursery() as nursery:
+            one = frame(0x1, payload)
+            started = trio.current_time()
+
+            async def call_meanwhile() -> None:
+                while True:
+                    await victim.call("system.info")
+                    answered_meanwhile.append(trio.current_time())
+
+            nursery.start_soon(call_meanwhile)
+            nursery.start_soon(_send_all, attacker.sock, one * count)
+            refusals = await attacker.frames(count)
+            refused_all = trio.current_time()
+            nursery.cancel_scope.cancel()
+        assert [r["error"]["code"] for r in refusals] == [code] * count
+        # The last refusal waits for all the others beyond the burst to be paid off.
+        least = (sent - len(payload) - limits.refused_burst) / limits.refused_rate
+        assert refused_all - started >= least
+        assert any(started < at < refused_all - least / 2 for at in answered_meanwhile)
+        await _answers_system_info(attacker)
+    finally:
+        attacker.close()
+
+
+async def _answers_system_info(client: RawClient) -> None:
+    request = {"jsonrpc": "2.0", "id": 1, "method": "system.info", "params": {}}
+    await client.sock.send(frame(0x1, json.dumps(request).encode()))
+    [answer] = await client.frames(1)
+    assert answer["id"] == 1 and "version" in answer["result"]
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]
 
 
 async def test_the_message_size_limit_counts_bytes_not_characters(app: App) -> None:

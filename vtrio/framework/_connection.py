@@ -11,8 +11,10 @@ Reading is bounded per turn (one ``receive_some`` of at most 64 KiB, then the sc
 others), and a message larger than ``max_message_size`` bytes closes the connection with 1009
 before it is held whole. A message sent in one frame and larger than that, or than
 ``max_parsed_size``, is not even decoded: its header says its size, and its payload is dropped
-as it arrives (:class:`~vtrio.framework._wire.FrameSkipper`). Protocol violations close it
-with the code RFC 6455 names (1002, or 1007 for a text frame that is not UTF-8).
+as it arrives (:class:`~vtrio.framework._wire.FrameSkipper`). A client whose messages keep
+being refused (:meth:`Connection.charge_refused`) is read no faster than ``refused_rate``, so
+that it cannot take the machine's cores from the others. Protocol violations close it with the
+code RFC 6455 names (1002, or 1007 for a text frame that is not UTF-8).
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ class ConnectionLimits:
     close_timeout: float = 20.0
     """How long a closing connection waits for the client's close frame (a slow client may
     first have a backlog to read): the heartbeat interval, which bounds an idle peer too."""
+    refused_rate: float = 64 * (1 << 20)
+    """Bytes a second of refused messages (see :meth:`Connection.charge_refused`) after which
+    the server reads the client no faster."""
+    refused_burst: int = 4 << 20
+    """Bytes of refused messages a client may send at once before :attr:`refused_rate`
+    applies."""
 
 
 class Delivery:
@@ -144,6 +152,8 @@ class Connection:
         self._held: list[str] | None = []  # replies held while catching up; None once live
         self._sent = trio.lowlevel.ParkingLot()  # woken when nothing waits to be written
         self._peer = _peer_name(stream)
+        self._refused = _Allowance(limits.refused_rate, limits.refused_burst)
+        self._paced = False  # reading has been slowed for refused messages (logged once)
 
     def __repr__(self) -> str:
         return f"<Connection {self._peer} {getattr(self.identity, 'name', self.identity)!r}>"
@@ -235,6 +245,13 @@ class Connection:
             return
         self._awaiting_pong = True
         self._send_frame(self._protocol.send(Ping()))
+
+    def charge_refused(self, size: int) -> None:
+        """Count ``size`` bytes the client sent that the server refused without serving them
+        (too large, not JSON): beyond ``refused_burst`` bytes, it is read no faster than
+        ``refused_rate`` bytes a second, so that sending what is refused takes a bounded share
+        of the server's CPU (and of the machine's, the client's own sending included)."""
+        self._refused.spend(size, trio.current_time())
 
     def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in a task of this connection's, cancelled when it ends."""
@@ -352,6 +369,7 @@ class Connection:
 
     async def _read_until_closed(self) -> None:
         while True:
+            await self._pace()
             if self._skipper.to_drop:
                 if await self._drop_skipped():
                     continue
@@ -372,6 +390,17 @@ class Connection:
                 for event in self._protocol.events():
                     if self._handle(event):
                         return
+
+    async def _pace(self) -> None:
+        """Wait, before reading on, until the client's refused bytes are within its
+        allowance again."""
+        delay = self._refused.overdrawn(trio.current_time())
+        if delay > 0:
+            if not self._paced:
+                self._paced = True
+                log.warning("%r sends messages that are refused faster than %d bytes/s: "
+                            "reading it no faster", self, self._limits.refused_rate)  # fmt: skip
+            await trio.sleep(delay)
 
     async def _receive_some(self) -> bytes:
         try:
@@ -445,6 +474,31 @@ class Connection:
     def _close_too_big(self) -> None:
         limit = self._limits.max_message_size
         self.close(CloseCode.MESSAGE_TOO_BIG, f"messages are limited to {limit} bytes")
+
+
+class _Allowance:
+    """A token bucket of bytes: up to ``burst`` at once, refilled at ``rate`` a second."""
+
+    __slots__ = ("_at", "_burst", "_rate", "_spent")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._spent = 0.0  # bytes, as of self._at
+        self._at = 0.0
+
+    def spend(self, size: int, now: float) -> None:
+        self._spent = self._left_over(now) + size
+        self._at = now
+
+    def overdrawn(self, now: float) -> float:
+        """Seconds until what was spent is within the burst again (0: it is)."""
+        if not self._spent:
+            return 0.0
+        return max(0.0, self._left_over(now) - self._burst) / self._rate
+
+    def _left_over(self, now: float) -> float:
+        return max(0.0, self._spent - (now - self._at) * self._rate)
 
 
 def _size(data: str | bytes | bytearray) -> int:

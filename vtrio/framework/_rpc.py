@@ -166,7 +166,9 @@ class RpcEndpoint:
     the connections :attr:`max_request_size` as their ``max_parsed_size`` and
     :meth:`on_oversized`, and it is not even decoded), and
     parameters with more fields than the method takes are refused before pydantic looks at
-    them, so that no request costs the server work out of proportion to a valid one.
+    them, so that no request costs the server work out of proportion to a valid one. Frames
+    refused as too large or not JSON are charged to their connection
+    (:meth:`Connection.charge_refused`): one that keeps sending them is read slower.
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class RpcEndpoint:
 
     def on_oversized(self, connection: Connection, size: int) -> None:
         """Refuse a frame of ``size`` bytes, larger than :attr:`max_request_size`, unread."""
+        connection.charge_refused(size)
         problem = f"a request is at most {self._max_request_size} bytes, not {size}"
         _send(connection, _error_response(None, RpcError(problem, code=INVALID_REQUEST)))
 
@@ -204,6 +207,7 @@ class RpcEndpoint:
         try:
             payload = _parse(frame)
         except _Unparsable as exc:
+            connection.charge_refused(len(frame))
             _send(connection, _error_response(None, RpcError(str(exc), code=PARSE_ERROR)))
             return
         if isinstance(payload, list):
