@@ -649,7 +649,11 @@ async def enable_images(database: PymongoDatabase, names: Sequence[str]) -> None
             if exc.code != 26:  # NamespaceNotFound
                 raise
             try:
-                database.create_collection(name, changeStreamPreAndPostImages={"enabled": True})
+                # check_exists=False: pymongo's own check would raise CollectionInvalid for
+                # a collection another instance made since; MongoDB says NamespaceExists.
+                database.create_collection(
+                    name, check_exists=False, changeStreamPreAndPostImages={"enabled": True}
+                )
             except OperationFailure as again:
                 if again.code != 48:  # NamespaceExists: another instance made it meanwhile
                     raise
