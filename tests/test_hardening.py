@@ -260,6 +260,28 @@ async def test_a_huge_frame_is_refused_unread_and_the_connection_serves_on(app: 
         client.close()
 
 
+async def test_the_request_size_limit_counts_bytes_in_a_fragmented_text_message(
+    app: App,
+) -> None:
+    """Sent in fragments, a message is refused once whole; its size is its UTF-8 bytes, so
+    four-byte characters cannot pass in four times the limit."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": "system.info", "params": {}}
+    text = json.dumps({**request, "x": "\U0001f600" * (MAX_REQUEST_SIZE // 3)}, ensure_ascii=False)
+    encoded = text.encode()
+    assert len(text) < MAX_REQUEST_SIZE < len(encoded) < app.settings.max_message_size
+    half = len(encoded) // 2  # a split inside a character: a fragment need not end on one
+    client = await RawClient.connect(app.url, await new_key(app))
+    try:
+        await client.sock.send(frame(0x1, encoded[:half], fin=False))
+        await client.sock.send(frame(0x0, encoded[half:]))
+        [refusal] = await client.frames(1)
+        assert refusal["id"] is None and refusal["error"]["code"] == INVALID_REQUEST
+        assert f"not {len(encoded)}" in refusal["error"]["message"]
+        await _answers_system_info(client)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize(
     ("payload", "count", "code"),
     [(b"\xff" * ((1 << 20) - 64), 22, INVALID_REQUEST), (b"x" * (250 << 10), 100, PARSE_ERROR)],

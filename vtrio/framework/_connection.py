@@ -35,7 +35,7 @@ from wsproto.events import CloseConnection, Event, Message, Ping, Pong, TextMess
 
 from vtrio.framework._wire import CloseCode, FrameSkipper, batch_frame, text_frame
 
-__all__ = ["Connection", "ConnectionLimits", "Delivery", "OnMessage", "OnOversized"]
+__all__ = ["Connection", "ConnectionLimits", "Delivery", "OnMessage", "OnOversized", "message_size"]
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ class Connection:
         if self.closing:
             return
         data = event.data
-        self._received += _size(data)
+        self._received += message_size(data)
         if self._received > self._limits.max_message_size:
             self._close_too_big()
             self._parts.clear()
@@ -501,8 +501,8 @@ class _Allowance:
         return max(0.0, self._spent - (now - self._at) * self._rate)
 
 
-def _size(data: str | bytes | bytearray) -> int:
-    """Bytes of a message part as the client sent them (UTF-8 for text)."""
+def message_size(data: str | bytes | bytearray) -> int:
+    """Bytes of a message, or of a part of one, as the client sent them (UTF-8 for text)."""
     if isinstance(data, str) and not data.isascii():
         return len(data.encode())
     return len(data)

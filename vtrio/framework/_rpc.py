@@ -52,7 +52,7 @@ from typing import Any, Generic, TypeVar
 import pydantic
 import trio
 
-from vtrio.framework._connection import Connection
+from vtrio.framework._connection import Connection, message_size
 from vtrio.framework._metrics import Metrics
 from vtrio.framework._wire import dumps
 
@@ -201,13 +201,14 @@ class RpcEndpoint:
         """Handle one frame: start its request(s) in tasks of the connection's own (so that
         they end with it). Never raises for bad input, and never waits: errors found here are
         answered at once."""
-        if len(frame) > self._max_request_size:
-            self.on_oversized(connection, len(frame))
+        size = message_size(frame)  # bytes, as the limit and the pacing count them
+        if size > self._max_request_size:
+            self.on_oversized(connection, size)
             return
         try:
             payload = _parse(frame)
         except _Unparsable as exc:
-            connection.charge_refused(len(frame))
+            connection.charge_refused(size)
             _send(connection, _error_response(None, RpcError(str(exc), code=PARSE_ERROR)))
             return
         if isinstance(payload, list):
