@@ -38,6 +38,7 @@ from benchmarks import phases
 from benchmarks.harness import Context, Skipped
 from benchmarks.procs import thread_cpu_ns
 from benchmarks.servers import client_group, running_server, writer_process
+from vtrio.framework import FEED_NAME
 
 TITLE = "where a samples.update spends the server's CPU (py-spy)"
 NAME = "profile"
@@ -78,7 +79,7 @@ PARTS = (
 def thread_group(name: str) -> str:
     if name.startswith("vtrio-db-"):
         return "MongoDB worker threads"
-    if name == "vtrio-changes":
+    if name == FEED_NAME:
         return "change-stream thread"
     if name == "MainThread":
         return "trio thread"

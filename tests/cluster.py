@@ -38,7 +38,7 @@ from tests.live import RawClient
 from tests.processes import VtrioProcess, mongods_using, vtrio_process
 from tests.rpc_client import CallFailed
 from vtrio import virtool
-from vtrio.framework import Database, dumps, find_mongod, open_database, to_wire
+from vtrio.framework import FEED_NAME, Database, dumps, find_mongod, open_database, to_wire
 from vtrio.virtool import COLLECTIONS, runner_name
 
 Message = dict[str, Any]
@@ -695,7 +695,7 @@ def local_tcp_ports(pid: int) -> set[int]:
 
 def change_stream_cursors(mongodb_url: str, db_name: str) -> list[dict[str, Any]]:
     """Blocking: the change-stream cursors open on ``db_name`` (idle ones too), as $currentOp
-    shows them, made by vtrio's change feeds (clients named "vtrio-changes")."""
+    shows them, made by vtrio's change feeds (clients named FEED_NAME)."""
     with pymongo.MongoClient(mongodb_url) as client:
         operations = list(
             client.admin.aggregate([{"$currentOp": {"idleCursors": True, "allUsers": True}}])
@@ -707,7 +707,7 @@ def change_stream_cursors(mongodb_url: str, db_name: str) -> list[dict[str, Any]
         pipeline = command.get("pipeline") or [{}]
         if "$changeStream" not in pipeline[0]:
             continue
-        if command.get("$db") != db_name or operation.get("appName") != "vtrio-changes":
+        if command.get("$db") != db_name or operation.get("appName") != FEED_NAME:
             continue
         found.append(operation)
     return found

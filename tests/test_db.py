@@ -17,6 +17,7 @@ from pymongo import monitoring
 from pymongo.errors import DuplicateKeyError, OperationFailure, ServerSelectionTimeoutError
 
 from vtrio.framework import (
+    FEED_NAME,
     Change,
     CollectionSpec,
     Database,
@@ -71,7 +72,7 @@ class Commands(monitoring.CommandListener):
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         ignored = event.command_name in ("getMore", "aggregate", "hello", "endSessions")
-        if not ignored and threading.current_thread().name != "vtrio-changes":
+        if not ignored and threading.current_thread().name != FEED_NAME:
             self.names.append(event.command_name)
         if self.on_started is not None:
             self.on_started(event)

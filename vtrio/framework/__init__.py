@@ -47,6 +47,7 @@ from vtrio.framework._executors import ExecutorStatistics as ExecutorStatistics
 from vtrio.framework._executors import NotPicklable as NotPicklable
 from vtrio.framework._executors import WorkerCrashed as WorkerCrashed
 from vtrio.framework._executors import open_executors as open_executors
+from vtrio.framework._feed import FEED_NAME as FEED_NAME
 from vtrio.framework._feed import ChangeFeed as ChangeFeed
 from vtrio.framework._feed import HistoryLost as HistoryLost
 from vtrio.framework._feed import Position as Position
@@ -105,6 +106,7 @@ __all__ = [
     "CLIENT_SCRIPT",
     "CONFLICT",
     "DEFAULT_URL",
+    "FEED_NAME",
     "FORBIDDEN",
     "INTERNAL_ERROR",
     "INVALID_PARAMS",

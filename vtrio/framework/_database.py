@@ -29,7 +29,7 @@ from vtrio.framework._db_errors import (
     redact,
     translate,
 )
-from vtrio.framework._feed import LIVE_AWAIT, ChangeFeed, open_feed
+from vtrio.framework._feed import FEED_NAME, LIVE_AWAIT, ChangeFeed, open_feed
 from vtrio.framework._metrics import Metrics
 from vtrio.framework._services import Stopping
 from vtrio.framework._workers import Workers
@@ -227,7 +227,7 @@ def _feed_options(options: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     milliseconds = round(timeout * 1000)
     return {
         **feed_options,
-        "appname": "vtrio-changes",
+        "appname": FEED_NAME,
         "socketTimeoutMS": round(LIVE_AWAIT * 1000) + milliseconds,
         "connectTimeoutMS": milliseconds,
         "serverSelectionTimeoutMS": milliseconds,

@@ -47,10 +47,13 @@ from pymongo.errors import OperationFailure, PyMongoError
 from vtrio.framework._changes import Change, CollectionSpec, Operation
 from vtrio.framework._documents import Document, id_key, project
 
-__all__ = ["ChangeFeed", "HistoryLost", "Position", "open_feed"]
+__all__ = ["FEED_NAME", "ChangeFeed", "HistoryLost", "Position", "open_feed"]
 
 log = logging.getLogger(__name__)
 
+FEED_NAME = "vtrio-changes"
+"""The change feed's thread name, and its MongoDB client's ``appname``: what a profiler's
+thread list, a mongod's log and ``$currentOp`` call it."""
 LIVE_AWAIT = 1.0
 """Seconds the live stream's getMore waits for news (a batch returns at once when there is
 some). An empty batch still moves the feed's position on, so a quiet stream reports where it
@@ -679,7 +682,7 @@ async def open_feed(
     stopped = threading.Event()
     token = trio.lowlevel.current_trio_token()
     thread = threading.Thread(
-        target=feed._follow, args=(token, stopped), name="vtrio-changes", daemon=True
+        target=feed._follow, args=(token, stopped), name=FEED_NAME, daemon=True
     )
     thread.start()
     try:
