@@ -247,17 +247,9 @@ async def test_a_protocol_violation_gets_the_close_frame_the_rfc_names(app: App,
 async def test_a_huge_frame_is_refused_unread_and_the_connection_serves_on(app: App) -> None:
     """Over the request limit, under the message limit, in one frame: refused from its header.
     Its payload is not valid UTF-8, so a server that decoded it would close with 1007."""
-    client = await RawClient.connect(app.url, await new_key(app))
-    try:
-        huge = frame(0x1, b"\xff" * (MAX_REQUEST_SIZE + 1))
-        await client.sock.send(huge[:1])  # the header in two reads, the payload in many
-        await client.sock.send(huge[1:])
-        [refusal] = await client.frames(1)
-        assert refusal["id"] is None and refusal["error"]["code"] == INVALID_REQUEST
-        assert f"not {MAX_REQUEST_SIZE + 1}" in refusal["error"]["message"]
-        await _answers_system_info(client)
-    finally:
-        client.close()
+    huge = frame(0x1, b"\xff" * (MAX_REQUEST_SIZE + 1))
+    # The header in two reads, the payload in many.
+    await _refused_as_too_large(app, [huge[:1], huge[1:]], MAX_REQUEST_SIZE + 1)
 
 
 async def test_the_request_size_limit_counts_bytes_in_a_fragmented_text_message(
@@ -270,13 +262,20 @@ async def test_the_request_size_limit_counts_bytes_in_a_fragmented_text_message(
     encoded = text.encode()
     assert len(text) < MAX_REQUEST_SIZE < len(encoded) < app.settings.max_message_size
     half = len(encoded) // 2  # a split inside a character: a fragment need not end on one
+    fragments = [frame(0x1, encoded[:half], fin=False), frame(0x0, encoded[half:])]
+    await _refused_as_too_large(app, fragments, len(encoded))
+
+
+async def _refused_as_too_large(app: App, parts: list[bytes], size: int) -> None:
+    """Send ``parts`` on a new connection, one after the other: the request they make is
+    refused as ``size`` bytes, over the limit, and the connection serves on."""
     client = await RawClient.connect(app.url, await new_key(app))
     try:
-        await client.sock.send(frame(0x1, encoded[:half], fin=False))
-        await client.sock.send(frame(0x0, encoded[half:]))
+        for part in parts:
+            await _send_all(client.sock, part)
         [refusal] = await client.frames(1)
         assert refusal["id"] is None and refusal["error"]["code"] == INVALID_REQUEST
-        assert f"not {len(encoded)}" in refusal["error"]["message"]
+        assert f"not {size}" in refusal["error"]["message"]
         await _answers_system_info(client)
     finally:
         client.close()
