@@ -294,6 +294,36 @@ async def test_a_standalone_mongod_is_refused_with_the_reason(tmp_path: Any) -> 
             await mongod.wait()
 
 
+# ---- the worker threads ---------------------------------------------------------------------
+
+
+async def test_calls_one_at_a_time_go_to_the_thread_that_went_idle_last(
+    db: Database, commands: Commands
+) -> None:
+    """One call at a time, one thread takes them all (the thread likeliest to be awake still),
+    not each thread in turn; a call made while that thread is busy goes to another at once."""
+    await db.samples.insert_one({"_id": "s", "name": "s"})
+    finds: list[str] = []
+
+    def record(event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "find":
+            finds.append(threading.current_thread().name)
+
+    commands.on_started = record
+    for _ in range(20):
+        assert await db.samples.find_one({"_id": "s"}) == {"_id": "s", "name": "s"}
+    assert len(finds) == 20 and len(set(finds)) == 1, finds
+
+    sent, proceed = hold_inserts(commands)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.samples.insert_one, {"_id": "held"})
+        assert await trio.to_thread.run_sync(sent.wait, 5)
+        with trio.fail_after(5):  # served by another thread while the insert is held
+            assert await db.samples.find_one({"_id": "s"}) == {"_id": "s", "name": "s"}
+        proceed.set()
+    assert await db.samples.find_one({"_id": "held"}) == {"_id": "held"}
+
+
 # ---- coalescing -----------------------------------------------------------------------------
 
 
