@@ -86,7 +86,7 @@ class Workers:
             raise ValueError(f"there must be at least one worker thread, not {count}")
         self._count = count
         self._on_job = on_job
-        self._lock = threading.Lock()  # guards everything below, across threads
+        self._lock = threading.Lock()  # guards the threads' shared state: jobs, backlog, idle
         self._backlog: deque[_Job[Any]] = deque()  # jobs waiting for a thread, oldest first
         self._idle: list[_Inbox] = []  # the idle threads' inboxes, the latest idle last
         self._stopped = False
