@@ -105,7 +105,7 @@ class Workers:
             thread.start()
 
     def stop(self) -> None:
-        """Let each thread end once the jobs queued before it are done."""
+        """Let each thread end once no job waits for a thread (an idle thread at once)."""
         with self._lock:
             self._stopped = True
             idle, self._idle = self._idle, []
@@ -177,7 +177,7 @@ class Workers:
 
         The thread that went idle last is the likeliest to be awake still, on the CPU it ran
         on: one call at a time, one thread takes them all, often before it has gone to sleep.
-        Waking a thread that sleeps on the other CPU costs ~100 µs more here.
+        A call whose two wake-ups cross CPUs costs 100-200 µs more here (benchmarks/README.md).
         """
         if self._idle:
             self._idle.pop().put(job)
@@ -188,17 +188,17 @@ class Workers:
         """One thread: runs the job it is handed, then the queued ones, until told to end."""
         with self._lock:
             self._go_idle(inbox)
-        while (job := inbox.get()) is not None:
-            while job is not None:
-                results = self._run(job)
-                # The thread takes its next job, or goes idle, before the callers are woken,
-                # so that the next call one of them makes finds it ready.
-                with self._lock:
-                    following = self._backlog.popleft() if self._backlog else None
-                    if following is None:
-                        self._go_idle(inbox)
-                self._finish(job, results)
-                job = following
+        job = inbox.get()
+        while job is not None:
+            results = self._run(job)
+            # The thread takes its next job, or goes idle, before the callers are woken, so
+            # that the next call one of them makes finds it ready.
+            with self._lock:
+                following = self._backlog.popleft() if self._backlog else None
+                if following is None:
+                    self._go_idle(inbox)
+            self._finish(job, results)
+            job = following if following is not None else inbox.get()
 
     def _go_idle(self, inbox: _Inbox) -> None:
         """Wait to be handed a job, or to end once stopped (holding the lock)."""
